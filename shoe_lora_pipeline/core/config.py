@@ -1,0 +1,283 @@
+"""Pipeline configuration: YAML files under ``configs/`` validated with pydantic.
+
+Relative paths in a config file resolve against the folder that holds that file, so a config can be
+moved together with its data. The active file is chosen by ``SHOE_LORA_CONFIG`` (default
+``configs/demo.yaml`` in the repository).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG_PATH = REPO_ROOT / "configs" / "demo.yaml"
+CONFIG_ENV_VAR = "SHOE_LORA_CONFIG"
+
+CAPTION_TEMPLATE = (
+    "A professional product photo of {colour} {type} shoes on white background, "
+    "{characteristics}, product photography"
+)
+VALIDATION_PROMPTS = [
+    "A professional product photo of black casual shoes on white background, side view, product photography",
+    "A professional product photo of brown leather casual shoes on white background, "
+    "side view, product photography",
+    "A professional product photo of white casual sneakers on white background, "
+    "side view, product photography",
+    "A professional product photo of blue casual shoes on white background, side view, product photography",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the file, key and value at fault."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CleaningConfig(_Strict):
+    min_side: int = Field(128, ge=1, description="Reject images whose shorter side is below this (pixels).")
+    max_aspect_ratio: float = Field(4.0, ge=1.0, description="Reject images wider/taller than this ratio.")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Refuse images with more pixels than this (decompression bombs)."
+    )
+    resize_policy: Literal["pad", "crop"] = Field(
+        "pad", description="pad: letterbox onto white (keeps the whole shoe); crop: centre crop."
+    )
+    near_duplicate_distance: int = Field(
+        4, ge=0, le=64, description="Perceptual-hash Hamming distance at or below which images are reported."
+    )
+    workers: int = Field(0, ge=0, description="Worker processes; 0 = one per CPU core.")
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    val: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions train+val+test must sum to 1.0, got {total:g}")
+        return self
+
+
+class DatasetConfig(_Strict):
+    name: str = Field("casual_shoes", min_length=1)
+    raw_dir: Path
+    output_dir: Path
+    resolution: int = Field(512, ge=64, description="Side of the square training images (pixels).")
+    styles_csv: Path | None = Field(
+        None, description="Product metadata CSV (fashion-product-images layout); default raw_dir/styles.csv."
+    )
+    default_type: str = Field("casual", description="Type word used when no metadata names one.")
+    default_characteristics: str = Field("side view", description="Characteristics used when none known.")
+    caption_template: str = CAPTION_TEMPLATE
+    min_valid_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Asset check: valid/raw at least this.")
+    cleaning: CleaningConfig = CleaningConfig()
+    splits: SplitConfig = SplitConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if "/" in v or "\\" in v or v in {".", ".."}:
+            raise ValueError(f"dataset name must be a plain folder name, got {v!r}")
+        return v
+
+    @field_validator("caption_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        for needed in ("{colour}", "{type}"):
+            if needed not in v:
+                raise ValueError(f"caption_template must contain {needed}, got {v!r}")
+        return v
+
+    @property
+    def styles_csv_path(self) -> Path:
+        return self.styles_csv if self.styles_csv is not None else self.raw_dir / "styles.csv"
+
+
+class TrainingConfig(_Strict):
+    base_model: str = Field("tiny-sd", description="'tiny-sd', a Hugging Face hub id, or a local folder.")
+    revision: str | None = Field(None, description="Hub revision (commit/tag) of base_model.")
+    output_dir: Path
+    train_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    max_train_steps: int = Field(3000, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_warmup_steps: int = Field(500, ge=0)
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    weight_decay: float = Field(1e-2, ge=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    gradient_clipping: float = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    validation_steps: int = Field(500, ge=1)
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int = Field(5, ge=1)
+    seed: int = 42
+    cache_latents: bool = Field(True, description="Encode images/captions once before training.")
+    latent_encoding_batch_size: int = Field(8, ge=1)
+    dataloader_num_workers: int = Field(0, ge=0)
+    validation_prompts: list[str] = Field(default_factory=lambda: list(VALIDATION_PROMPTS))
+    num_validation_images: int = Field(4, ge=1)
+    validation_inference_steps: int = Field(30, ge=1)
+    validation_guidance_scale: float = Field(7.5, ge=0.0)
+    log_every_steps: int = Field(10, ge=1, description="Dagster progress line interval (optimizer steps).")
+
+
+class EvaluationConfig(_Strict):
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    images_per_prompt: int = Field(4, ge=1)
+    seed: int = 1234
+    inception_weights: Path | None = Field(None, description="pt_inception-2015-12-05 weights file.")
+    clip_model_dir: Path | None = Field(None, description="Local CLIP model folder (transformers layout).")
+
+
+class PipelineConfig(_Strict):
+    dataset: DatasetConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig = EvaluationConfig()
+    device: Literal["auto", "mps", "cuda", "cpu"] = "auto"
+    source_path: Path | None = Field(None, exclude=True, description="The YAML file this came from.")
+
+    def config_hash(self) -> str:
+        """Stable hash of the resolved configuration (paths included), for provenance and resume checks."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()
+
+    def training_hash(self) -> str:
+        """Hash of the settings that change training results; logging/validation cadence excluded."""
+        cadence = {
+            "validation_steps",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "log_every_steps",
+            "validation_prompts",
+            "num_validation_images",
+            "validation_inference_steps",
+            "validation_guidance_scale",
+            "output_dir",
+            "dataloader_num_workers",
+            "latent_encoding_batch_size",
+        }
+        payload = self.training.model_dump(mode="json", exclude=cadence)
+        payload["resolution"] = self.dataset.resolution
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+_PATH_FIELDS = {
+    "dataset": ("raw_dir", "output_dir", "styles_csv"),
+    "training": ("output_dir",),
+    "evaluation": ("inception_weights", "clip_model_dir"),
+}
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    for section, keys in _PATH_FIELDS.items():
+        sect = raw.get(section)
+        if not isinstance(sect, dict):
+            continue
+        for key in keys:
+            value = sect.get(key)
+            if isinstance(value, str | Path) and str(value):
+                p = Path(os.path.expanduser(str(value)))
+                sect[key] = p if p.is_absolute() else (base / p).resolve()
+    base_model = raw.get("training", {}).get("base_model") if isinstance(raw.get("training"), dict) else None
+    # A base_model that starts with ./ or ../ is a folder next to the config, not a hub id.
+    if isinstance(base_model, str) and base_model.startswith(("./", "../")):
+        raw["training"]["base_model"] = str((base / base_model).resolve())
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}' (value {e.get('input')!r}); check the spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  - missing required key '{key}'")
+        else:
+            lines.append(f"  - {key} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides such as ``training.max_train_steps=10`` (values parsed as YAML)."""
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if isinstance(overrides, list):
+        parsed = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            key, value = item.split("=", 1)
+            parsed.append((key.strip(), yaml.safe_load(value)))
+        items = parsed
+    for dotted, value in items:
+        parts = dotted.split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    check_paths: bool = True,
+) -> PipelineConfig:
+    """Load, resolve and validate a pipeline config. Raises ConfigError naming the key and value.
+
+    ``check_paths`` also requires ``dataset.raw_dir`` to exist (off for tools that only read outputs).
+    """
+    if path is None:
+        path = os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+    path = Path(path).expanduser()
+    if not path.is_absolute():
+        # Relative config paths are taken from the working directory, then from the repository.
+        path = path.resolve() if path.exists() else (REPO_ROOT / path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (set {CONFIG_ENV_VAR} to a YAML file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    raw = _resolve_paths(raw, path.parent.resolve())
+    try:
+        cfg = PipelineConfig(**raw, source_path=path.resolve())
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+    if check_paths:
+        check_raw_dir(cfg)
+    return cfg
+
+
+def check_raw_dir(cfg: PipelineConfig) -> None:
+    """Fail early, naming the key, when the raw photo folder does not exist."""
+    raw_dir = cfg.dataset.raw_dir
+    if not raw_dir.is_dir():
+        raise ConfigError(f"dataset.raw_dir = {str(raw_dir)!r} in {cfg.source_path}: folder does not exist")

@@ -1,0 +1,375 @@
+"""Base models: the real SD1.5 loader and the tiny SD-shaped model built offline.
+
+``tiny-sd`` has exactly the classes of Stable Diffusion 1.5 (UNet2DConditionModel with cross-attention
+blocks, a 4-level AutoencoderKL so latents are 1/8 of the image side, CLIPTextModel with the real
+49,408-token CLIP vocabulary, CLIPTokenizer, the SD1.5 scheduler config) at tiny widths. It is built
+deterministically, saved as a diffusers folder in safetensors, and then loaded through the very same code
+path as a real SD1.5 folder, so tests exercise the production loader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_SD = "tiny-sd"
+# Bump when the tiny model's architecture or init changes: it is part of the cache folder name and of
+# the base-model identity recorded in checkpoints and exported files.
+TINY_SD_VERSION = "1"
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# The published SD1.5 component configs (unet/config.json, vae/config.json, text_encoder/config.json,
+# scheduler/scheduler_config.json), kept here so the architecture can be checked offline.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 64,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "norm_num_groups": 16,
+}
+TINY_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG,
+    # Four levels as in SD1.5 (three downsamplings): latents are 1/8 of the image side.
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    **SD15_TEXT_ENCODER_CONFIG,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 64,
+}
+
+
+class BaseModelError(RuntimeError):
+    """The base model could not be loaded; the message says what to do about it."""
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion 1.x model the pipeline uses."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler: Any  # inference scheduler as shipped with the model
+    identity: dict[str, Any]  # base model id, revision/hash, where it was loaded from
+
+    @property
+    def noise_scheduler(self) -> Any:
+        """DDPM scheduler for training, with the model's own betas and prediction type."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SHOE_LORA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shoe_lora_pipeline"
+
+
+def clip_tokenizer_files(target_dir: Path) -> tuple[Path, Path]:
+    """Write vocab.json and merges.txt of the real CLIP BPE tokenizer from open_clip's vocab file."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(bpe_path) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    # Same slice as CLIP's reference tokenizer: 48,894 merges + 512 byte tokens + 2 specials = 49,408.
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = byte_tokens + [t + "</w>" for t in byte_tokens]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    target_dir.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = target_dir / "vocab.json", target_dir / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_file, merges_file
+
+
+def build_tiny_sd(target_dir: Path) -> Path:
+    """Build the tiny SD-shaped pipeline deterministically and save it as a diffusers folder."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = clip_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>")
+    tokenizer.model_max_length = 77
+
+    # Each component gets its own seed so changing one never changes another's weights.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG))
+    scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # Write next to the target and rename, so a concurrent or interrupted build never leaves half a model.
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target_dir.parent))
+    try:
+        pipe.save_pretrained(tmp_dir, safe_serialization=True)
+        try:
+            os.replace(tmp_dir, target_dir)
+        except OSError:
+            if not (target_dir / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target_dir
+
+
+def tiny_sd_path(cache_dir: Path | None = None) -> Path:
+    """Folder of the tiny model, built on first use."""
+    path = (cache_dir or default_cache_dir()) / f"tiny-sd-v{TINY_SD_VERSION}"
+    if not (path / "model_index.json").exists():
+        build_tiny_sd(path)
+    return path
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Content fingerprint of a diffusers folder: config files fully, weight files by size + header.
+
+    Hashing every byte of a 4 GB checkpoint on each run would dominate small runs; the safetensors header
+    (names, dtypes, shapes, offsets) plus the file size changes whenever the weights file is replaced.
+    """
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        rel = p.relative_to(folder).as_posix()
+        h.update(rel.encode())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        if p.suffix in {".json", ".txt"} or size < 64 * 1024 * 1024:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        else:
+            with p.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(header_len, 16 * 1024 * 1024)))
+    return h.hexdigest()
+
+
+def resolve_base_model(base_model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Local folder holding the diffusers-layout base model (building tiny-sd or reading the hub cache)."""
+    if base_model == TINY_SD:
+        return tiny_sd_path(cache_dir)
+    candidate = Path(base_model).expanduser()
+    if candidate.is_dir():
+        if not (candidate / "model_index.json").exists() and not (candidate / "unet").is_dir():
+            raise BaseModelError(
+                f"training.base_model = {base_model!r} is a folder but not a diffusers model "
+                "(no model_index.json / unet/): save it with StableDiffusionPipeline.save_pretrained"
+            )
+        return candidate
+    if candidate.is_absolute() or base_model.startswith((".", "~")):
+        raise BaseModelError(f"training.base_model = {base_model!r}: folder does not exist")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        return Path(
+            snapshot_download(
+                base_model,
+                revision=revision,
+                allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                ignore_patterns=["*.fp16.*", "*non_ema*", "*ema*", "safety_checker/*"],
+                local_files_only=offline,
+            )
+        )
+    except Exception as exc:  # huggingface_hub raises several unrelated types for "not here"
+        raise BaseModelError(
+            f"could not load base model {base_model!r}"
+            f"{' at revision ' + revision if revision else ''}: {type(exc).__name__}: {exc}\n"
+            "This machine has no copy of it and cannot download it"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}. Either download it first on a machine "
+            f"with network access (`huggingface-cli download {base_model}`, then copy the cache or set "
+            "HF_HOME), or set training.base_model to a local diffusers folder."
+        ) from None
+
+
+def base_model_identity(base_model: str, folder: Path, revision: str | None = None) -> dict[str, Any]:
+    """What an auditor needs to know which base model a LoRA was trained on."""
+    ident: dict[str, Any] = {"base_model": base_model, "path": str(folder)}
+    if base_model == TINY_SD:
+        ident["revision"] = f"tiny-sd-v{TINY_SD_VERSION}"
+    elif folder.parent.name == "snapshots":
+        # Hub cache layout: .../models--org--name/snapshots/<commit>/
+        ident["revision"] = folder.name
+    else:
+        ident["revision"] = revision
+    ident["fingerprint"] = _folder_fingerprint(folder)
+    return ident
+
+
+def load_base_model(
+    base_model: str,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SDComponents:
+    """Load tokenizer, text encoder, VAE, UNet and scheduler from safetensors; frozen, in eval mode."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = resolve_base_model(base_model, revision, cache_dir)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", use_safetensors=True, torch_dtype=dtype
+        )
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype
+        )
+        scheduler = PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(
+            f"base model folder {folder} is incomplete or not in safetensors format: {exc}"
+        ) from None
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return SDComponents(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
+        identity=base_model_identity(base_model, folder, revision),
+    )
+
+
+def lora_config(
+    rank: int, alpha: float, dropout: float, target_modules: list[str], init_lora_weights: bool | str = True
+) -> Any:
+    """The peft LoraConfig used for training (and to rebuild the adapter when loading)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        init_lora_weights=init_lora_weights,
+    )
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return trainable, total
+
+
+def sd15_unet_lora_parameter_counts(
+    rank: int = 8,
+    alpha: float = 16,
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+) -> tuple[int, int]:
+    """Build the SD1.5 UNet on the meta device (no memory, no weights), add the LoRA and count."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(rank, alpha, 0.0, list(target_modules)))
+    return count_parameters(unet)

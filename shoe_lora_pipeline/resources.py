@@ -1,0 +1,84 @@
+"""Dagster resources: pipeline config, device and base model. The only place they are defined.
+
+Each resource is a thin shell over the framework-free core (``shoe_lora_pipeline.core``). Values can be
+overridden per run from the Dagster launchpad, e.g.::
+
+    resources:
+      pipeline_config:
+        config:
+          config_path: configs/casual_shoes_sd15.yaml
+          overrides: ["training.max_train_steps=1000"]
+      device:
+        config: {device: cuda}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from shoe_lora_pipeline.core.config import CONFIG_ENV_VAR, PipelineConfig, load_config
+from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
+from shoe_lora_pipeline.core.models import SDComponents, load_base_model
+
+
+class PipelineConfigResource(dg.ConfigurableResource):
+    """The pipeline configuration (a YAML file under configs/, plus per-run overrides)."""
+
+    config_path: str = Field(
+        default="",
+        description=f"YAML config file; empty = ${CONFIG_ENV_VAR} or configs/demo.yaml.",
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="Dotted overrides applied on top of the file, e.g. 'training.max_train_steps=100'.",
+    )
+
+    _config: PipelineConfig | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Validate before any asset body runs: a bad key or value fails the run at once, naming it.
+        self._config = load_config(self.config_path or None, overrides=self.overrides)
+
+    def get(self) -> PipelineConfig:
+        if self._config is None:
+            self._config = load_config(self.config_path or None, overrides=self.overrides)
+        return self._config
+
+
+class DeviceResource(dg.ConfigurableResource):
+    """Where training and generation run: MPS, then CUDA, then CPU (or as configured)."""
+
+    device: str = Field(default="", description="auto|mps|cuda|cpu; empty = the config file's `device`.")
+
+    def resolve(self, cfg: PipelineConfig) -> DeviceInfo:
+        return choose_device(self.device or cfg.device, cfg.training.mixed_precision)
+
+
+class BaseModelResource(dg.ConfigurableResource):
+    """The Stable Diffusion base model named by ``training.base_model`` (hub id, folder or tiny-sd)."""
+
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("SHOE_LORA_CACHE", ""),
+        description="Where the built tiny-sd model is cached; empty = ~/.cache/shoe_lora_pipeline.",
+    )
+
+    def load(self, cfg: PipelineConfig, device: DeviceInfo) -> SDComponents:
+        return load_base_model(
+            cfg.training.base_model,
+            revision=cfg.training.revision,
+            cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+            dtype=device.weight_dtype,
+        )
+
+
+def default_resources() -> dict[str, Any]:
+    return {
+        "pipeline_config": PipelineConfigResource(),
+        "device": DeviceResource(),
+        "base_model": BaseModelResource(),
+    }
