@@ -1,0 +1,57 @@
+"""captions: captions.json in the recipe's template, from styles.csv, a sidecar .txt, or the pixels."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
+from shoe_lora_pipeline.assets.cleaned_images import cleaned_images
+from shoe_lora_pipeline.core.captions import build_captions, load_styles, write_captions_json
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.resources import PipelineConfigResource
+
+
+@dg.asset(
+    group_name="dataset",
+    code_version="1",
+    deps=[cleaned_images],
+    kinds={"json"},
+    description="One caption per cleaned image: 'A professional product photo of [colour] [type] shoes on "
+    "white background, [characteristics], product photography'. A <image>.txt sidecar wins, then the "
+    "styles.csv row with the file's id, else the colour is read from the pixels.",
+)
+def captions(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
+) -> dg.MaterializeResult:
+    cfg = pipeline_config.get()
+    layout = Layout.of(cfg)
+    styles = load_styles(cfg.dataset.styles_csv_path)
+    result = build_captions(
+        layout.cleaned_dir,
+        cfg.dataset.raw_dir,
+        styles,
+        template=cfg.dataset.caption_template,
+        default_type=cfg.dataset.default_type,
+        default_characteristics=cfg.dataset.default_characteristics,
+    )
+    write_captions_json(result.entries, layout.captions_json)
+    # A full public styles.csv has tens of thousands of rows that match no photo: log a sample, count all.
+    for problem in result.problems[:20]:
+        context.log.warning(f"styles/captions: line {problem.get('line')}: {problem['problem']}")
+
+    examples = [{"image_file": e["image_file"], "caption": e["caption"]} for e in result.entries[:8]]
+    return dg.MaterializeResult(
+        metadata={
+            **config_metadata(cfg),
+            "captions_json": dg.MetadataValue.path(str(layout.captions_json)),
+            "num_captions": len(result.entries),
+            "by_source": dg.MetadataValue.json(dict(result.source_counts)),
+            "colours": dg.MetadataValue.json(dict(result.colour_counts)),
+            "types": dg.MetadataValue.json(dict(result.type_counts)),
+            "problems_by_kind": dg.MetadataValue.json(dict(result.problem_counts)),
+            "problems": dg.MetadataValue.md(
+                md_table(result.problems[:100], ["line", "id", "kind", "problem"])
+            ),
+            "num_problems": sum(result.problem_counts.values()),
+            "examples": dg.MetadataValue.md(md_table(examples, ["image_file", "caption"])),
+        },
+    )

@@ -1,0 +1,108 @@
+"""cleaned_images: every raw photo decoded safely into a 512×512 RGB PNG, or rejected with a reason."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+import dagster as dg
+import pandas as pd
+
+from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
+from shoe_lora_pipeline.assets.raw_images import raw_images
+from shoe_lora_pipeline.core.cleaning import CleaningParams, clean_images
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.resources import PipelineConfigResource
+
+
+@dg.asset(
+    group_name="dataset",
+    code_version="1",
+    deps=[raw_images],
+    kinds={"pillow"},
+    description="512px white-padded RGB PNGs + discard report (empty, corrupt, too small, extreme aspect, "
+    "decompression bombs, duplicates). Incremental: only new or changed photos are decoded.",
+)
+def cleaned_images(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
+) -> dg.MaterializeResult:
+    cfg = pipeline_config.get()
+    layout = Layout.of(cfg)
+    manifest = pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})
+    params = CleaningParams.from_config(cfg.dataset.cleaning, cfg.dataset.resolution)
+    report = clean_images(
+        manifest,
+        layout.cleaned_dir,
+        params,
+        near_duplicate_distance=cfg.dataset.cleaning.near_duplicate_distance,
+        workers=cfg.dataset.cleaning.workers,
+    )
+    for reject in report.rejects:
+        context.log.info(f"rejected {reject['source']}: {reject['reason']}")
+
+    reasons = [{"reason": k, "count": v} for k, v in sorted(report.rejects_by_reason.items())]
+    return dg.MaterializeResult(
+        metadata={
+            **config_metadata(cfg),
+            "raw_count": report.raw_count,
+            "valid_count": report.valid_count,
+            "valid_pct": round(100.0 * report.valid_ratio, 2),
+            "rejected_count": len(report.rejects),
+            "rejects_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "count"])),
+            "rejects": dg.MetadataValue.md(md_table(report.rejects, ["source", "reason_code", "reason"])),
+            "near_duplicates": len(report.near_duplicates),
+            "processed_this_run": report.processed_count,
+            "reused_from_cache": report.reused_count,
+            "removed_outputs": report.removed_count,
+            "total_output_mb": round(report.total_output_bytes / 1e6, 2),
+            "seconds": round(report.seconds, 2),
+            "images_dir": dg.MetadataValue.path(str(layout.cleaned_images_dir)),
+            "discard_report": dg.MetadataValue.path(str(layout.cleaned_dir / "discard_report.csv")),
+        },
+    )
+
+
+@dg.asset_check(asset=cleaned_images, description="Every cleaned image is a resolution×resolution RGB PNG.")
+def cleaned_images_are_square_rgb_png(pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
+    from PIL import Image
+
+    cfg = pipeline_config.get()
+    res = cfg.dataset.resolution
+    bad = []
+    files = sorted(Layout.of(cfg).cleaned_images_dir.glob("*"))
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                if im.format != "PNG" or im.mode != "RGB" or im.size != (res, res):
+                    bad.append(
+                        {"file": path.name, "found": f"{im.format} {im.mode} {im.size[0]}×{im.size[1]}"}
+                    )
+        except OSError as exc:
+            bad.append({"file": path.name, "found": f"unreadable: {exc}"})
+    return dg.AssetCheckResult(
+        passed=not bad and bool(files),
+        metadata={
+            "checked": len(files),
+            "expected": f"PNG RGB {res}×{res}",
+            "violations": dg.MetadataValue.md(md_table(bad[:50], ["file", "found"])),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=cleaned_images, description="valid / raw image ratio is at least dataset.min_valid_ratio."
+)
+def valid_ratio_above_minimum(pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
+    import json
+
+    layout = Layout.of(pipeline_config.get())
+    cfg = pipeline_config.get()
+    manifest = pd.read_csv(layout.raw_manifest)
+    raw = int((manifest["kind"] == "image").sum()) if len(manifest) else 0
+    kept = len(json.loads(layout.cleaned_manifest.read_text()))
+    ratio = kept / raw if raw else 0.0
+    return dg.AssetCheckResult(
+        passed=ratio >= cfg.dataset.min_valid_ratio,
+        metadata={
+            "valid": kept,
+            "raw": raw,
+            "ratio": round(ratio, 4),
+            "minimum": cfg.dataset.min_valid_ratio,
+        },
+    )
