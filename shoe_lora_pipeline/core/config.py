@@ -141,13 +141,44 @@ class TrainingConfig(_Strict):
     log_every_steps: int = Field(10, ge=1, description="Dagster progress line interval (optimizer steps).")
 
 
+EVALUATION_PROMPTS = [
+    *VALIDATION_PROMPTS,
+    "A professional product photo of red casual sneakers on white background, side view, product photography",
+    "A professional product photo of grey casual shoes on white background, lace-up, product photography",
+    "A professional product photo of beige loafers on white background, side view, product photography",
+    "A professional product photo of navy casual shoes on white background, lace-up, product photography",
+]
+
+
+class EvaluationThresholds(_Strict):
+    """The recipe's validation checklist; a check whose metric is unavailable never passes."""
+
+    final_loss_max: float = Field(0.02, description="Final (smoothed) training loss below this.")
+    white_background_min: float = Field(0.95, ge=0.0, le=1.0, description="Share of white-background images.")
+    centred_min: float = Field(0.90, ge=0.0, le=1.0, description="Share of centred products.")
+    colour_adherence_min: float = Field(
+        0.75, ge=0.0, le=1.0, description="Share of images whose product colour matches the prompt's colour."
+    )
+    diversity_min_hamming: float = Field(
+        6.0, ge=0.0, description="Mean pHash distance within a prompt; below it = mode collapse."
+    )
+    fid_max: float = 30.0
+    clip_score_min: float = 25.0
+    inception_score_min: float = 6.0
+
+
 class EvaluationConfig(_Strict):
+    prompts: list[str] = Field(default_factory=lambda: list(EVALUATION_PROMPTS), min_length=1)
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0)
     images_per_prompt: int = Field(4, ge=1)
     seed: int = 1234
-    inception_weights: Path | None = Field(None, description="pt_inception-2015-12-05 weights file.")
+    resolution: int | None = Field(None, ge=64, description="Generation size; default dataset.resolution.")
+    inception_weights: Path | None = Field(
+        None, description="pt_inception-2015-12-05-6726825d.pth; default: the torch hub cache."
+    )
     clip_model_dir: Path | None = Field(None, description="Local CLIP model folder (transformers layout).")
+    thresholds: EvaluationThresholds = EvaluationThresholds()
 
 
 class PipelineConfig(_Strict):
