@@ -141,6 +141,13 @@ class TrainingConfig(_Strict):
     log_every_steps: int = Field(10, ge=1, description="Dagster progress line interval (optimizer steps).")
 
 
+class ExportConfig(_Strict):
+    checkpoint_step: int | None = Field(
+        None, ge=1, description="Export checkpoint-N instead of the final one (manual early stopping)."
+    )
+    fuse_lora_scale: float = Field(1.0, gt=0.0, description="LoRA scale fused into final_pipeline.")
+
+
 EVALUATION_PROMPTS = [
     *VALIDATION_PROMPTS,
     "A professional product photo of red casual sneakers on white background, side view, product photography",
@@ -184,6 +191,7 @@ class EvaluationConfig(_Strict):
 class PipelineConfig(_Strict):
     dataset: DatasetConfig
     training: TrainingConfig
+    export: ExportConfig = ExportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     device: Literal["auto", "mps", "cuda", "cpu"] = "auto"
     source_path: Path | None = Field(None, exclude=True, description="The YAML file this came from.")
