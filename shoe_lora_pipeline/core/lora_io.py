@@ -1,0 +1,879 @@
+"""Export a trained LoRA checkpoint to the PEFT, diffusers and kohya/A1111 formats, fuse it, read it back.
+
+Conversions go through diffusers / peft themselves (``lora_state_dict``, ``convert_unet_state_dict_to_peft``,
+``convert_state_dict_to_diffusers``, ``convert_state_dict_to_kohya``, ``save_lora_weights``,
+``PeftModel.save_pretrained``). What they get wrong for us is fixed here and nowhere else:
+
+* ``convert_state_dict_to_kohya`` writes ``.alpha = rank`` (an int64 tensor). We trained with alpha != rank
+  (8/16 in the recipe): every client would apply half the trained strength. We write the real alpha, as a
+  scalar in the weights' dtype, as kohya-ss does.
+* ``save_lora_weights`` controls the safetensors header; our provenance is added afterwards by re-writing
+  the header (the tensor bytes are unchanged).
+* ``PeftModel.from_pretrained(unet, dir)`` expects keys as a ``PeftModel`` wrapping the UNet saves them
+  (``base_model.model.…``), not the bare ``get_peft_model_state_dict(unet)`` keys of the trainer (with
+  those peft only warns "missing adapter keys" and the adapter stays at its zero init: no effect at all). We wrap a meta-device UNet (architecture only) with
+  ``get_peft_model``, check every key and shape against it, and let its ``save_pretrained`` write the files.
+  ``save_embedding_layers=False`` stops peft from probing the Hub for the base model's config during export.
+
+Exports are written to a temporary sibling folder and swapped in, so a reader never sees half an export.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shoe_lora_pipeline.core.model_card import (
+    FRONT_MATTER_KEY,
+    ModelCardError,
+    ModelCardInfo,
+    read_front_matter,
+    write_model_card,
+)
+from shoe_lora_pipeline.core.provenance import PROVENANCE_SCHEMA, collect_provenance, file_sha256, utc_now_iso
+
+if TYPE_CHECKING:
+    import torch
+
+    from shoe_lora_pipeline.core.config import PipelineConfig
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+TRAINING_STATE_NAME = "training_state.json"
+PROVENANCE_NAME = "provenance.json"
+MODEL_CARD_NAME = "README.md"
+VALIDATION_GRID_NAME = "validation_grid.png"
+META_PREFIX = "shoe_lora_"
+# The whole provenance record as JSON (exact types); the flat shoe_lora_* keys are for metadata viewers.
+META_PROVENANCE_KEY = META_PREFIX + "provenance"
+_GRID_RE = re.compile(r"grid_step(\d+)\.png$")
+
+
+class LoraExportError(RuntimeError):
+    """A checkpoint cannot be exported; the message names the file and what is wrong."""
+
+
+class ProvenanceError(ValueError):
+    """A path holds no readable provenance; the message names the path."""
+
+
+def kohya_weights_name(dataset_name: str) -> str:
+    return f"{dataset_name}_lora.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training facts (for kohya ss_* metadata and the model card)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingFacts:
+    """Training settings that the weights files do not carry themselves. All optional."""
+
+    learning_rate: float | None = None
+    lr_scheduler: str | None = None
+    lr_warmup_steps: int | None = None
+    train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    max_train_steps: int | None = None
+    resolution: int | None = None
+    seed: int | None = None
+    mixed_precision: str | None = None
+    num_train_images: int | None = None
+    captions: list[str] = field(default_factory=list)
+    caption_template: str | None = None
+    validation_prompts: list[str] = field(default_factory=list)
+    final_loss: float | None = None  # None: the checkpoint's recorded loss, else losses.csv at its step
+
+    def __post_init__(self) -> None:
+        if self.num_train_images is None and self.captions:
+            self.num_train_images = len(self.captions)  # one caption per training image
+
+    @classmethod
+    def from_config(
+        cls, cfg: PipelineConfig, *, captions: Iterable[str] = (), num_train_images: int | None = None
+    ) -> TrainingFacts:
+        t = cfg.training
+        captions = list(captions)
+        return cls(
+            learning_rate=t.learning_rate,
+            lr_scheduler=t.lr_scheduler,
+            lr_warmup_steps=t.lr_warmup_steps,
+            train_batch_size=t.train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            max_train_steps=t.max_train_steps,
+            resolution=cfg.dataset.resolution,
+            seed=t.seed,
+            mixed_precision=t.mixed_precision,
+            num_train_images=num_train_images,
+            captions=captions,
+            caption_template=cfg.dataset.caption_template,
+            validation_prompts=list(t.validation_prompts),
+        )
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    peft_config: Path
+    peft_weights: Path
+    diffusers_weights: Path
+    kohya_weights: Path
+    model_card: Path
+    provenance_json: Path
+    validation_grid: Path | None
+    rank: int
+    alpha: float
+    step: int | None
+    file_sha256: dict[str, str]
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a training checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoraExportError(f"{path}: cannot read JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise LoraExportError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_checkpoint_lora(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a training checkpoint's LoRA as a PEFT state dict (``<module>.lora_A.weight`` keys).
+
+    Returns ``(state_dict, meta)``; ``meta`` has ``rank``, ``alpha``, ``dropout``, ``target_modules``,
+    ``global_step``, ``base_model`` (identity dict or None), ``training_hash``, ``dataset_fingerprint``,
+    ``training_config`` (the trainer's recorded settings, may be empty), ``loss`` and ``weights_sha256``. Alpha must be declared (``training_state.json`` or the file's
+    ``lora_adapter_metadata``): we refuse to guess ``alpha = rank``.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    checkpoint_dir = Path(checkpoint_dir)
+    weights = checkpoint_dir / DIFFUSERS_WEIGHTS_NAME
+    if not weights.is_file():
+        raise LoraExportError(f"{weights}: LoRA weights file not found")
+    # diffusers' own reader: the same code path a user's load_lora_weights takes.
+    state_dict, network_alphas, file_meta = StableDiffusionPipeline.lora_state_dict(
+        str(checkpoint_dir), weight_name=DIFFUSERS_WEIGHTS_NAME, return_lora_metadata=True
+    )
+    if network_alphas:
+        raise LoraExportError(f"{weights}: is a kohya-format file, expected the trainer's diffusers format")
+    foreign = sorted(k for k in state_dict if not k.startswith("unet."))
+    if foreign:
+        raise LoraExportError(f"{weights}: only UNet LoRAs are supported, found e.g. {foreign[0]!r}")
+    peft_sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items()})
+    bad = [k for k in peft_sd if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if bad:
+        raise LoraExportError(f"{weights}: unexpected LoRA key {bad[0]!r} (bias / DoRA are not supported)")
+
+    file_cfg = {k.removeprefix("unet."): v for k, v in (file_meta or {}).items() if k.startswith("unet.")}
+    state_path = checkpoint_dir / TRAINING_STATE_NAME
+    state = _read_json(state_path) if state_path.is_file() else {}
+    lora = dict(state.get("lora") or {})
+
+    ranks = {int(v.shape[0]) for k, v in peft_sd.items() if k.endswith("lora_A.weight")}
+    if len(ranks) != 1:
+        raise LoraExportError(f"{weights}: LoRA layers have different ranks {sorted(ranks)}")
+    tensor_rank = ranks.pop()
+    if file_cfg.get("use_rslora") or file_cfg.get("use_dora"):
+        raise LoraExportError(f"{weights}: rsLoRA / DoRA adapters cannot be expressed in the kohya format")
+    if file_cfg.get("rank_pattern") or file_cfg.get("alpha_pattern"):
+        raise LoraExportError(f"{weights}: per-module rank/alpha patterns are not supported")
+
+    def pick(state_key: str, file_key: str) -> Any:
+        a, b = lora.get(state_key), file_cfg.get(file_key)
+        if a is not None and b is not None and a != b and not _same_targets(a, b):
+            raise LoraExportError(
+                f"{checkpoint_dir}: {TRAINING_STATE_NAME} says lora.{state_key} = {a!r} but "
+                f"{DIFFUSERS_WEIGHTS_NAME} metadata says {file_key} = {b!r}"
+            )
+        return a if a is not None else b
+
+    rank, alpha = pick("rank", "r"), pick("alpha", "lora_alpha")
+    if alpha is None:
+        raise LoraExportError(
+            f"{checkpoint_dir}: LoRA alpha is not recorded (neither {TRAINING_STATE_NAME} 'lora.alpha' nor "
+            f"the 'lora_adapter_metadata' of {DIFFUSERS_WEIGHTS_NAME}); refusing to assume alpha = rank"
+        )
+    if rank is not None and int(rank) != tensor_rank:
+        raise LoraExportError(
+            f"{checkpoint_dir}: declared rank {rank} but the tensors have rank {tensor_rank}"
+        )
+    targets = pick("target_modules", "target_modules")
+    if targets is None:
+        # Module leaf names actually adapted, e.g. "to_q" or "to_out.0".
+        targets = sorted({_target_of(k) for k in peft_sd})
+    meta = {
+        "rank": tensor_rank,
+        "alpha": float(alpha),
+        "dropout": float(pick("dropout", "lora_dropout") or 0.0),
+        "target_modules": sorted(targets),
+        "global_step": state.get("global_step"),
+        "base_model": state.get("base_model"),
+        "training_hash": state.get("training_hash"),
+        "dataset_fingerprint": state.get("dataset_fingerprint"),
+        "training_config": state.get("training_config") or {},  # the trainer's recorded settings
+        "loss": state.get("loss"),
+        "weights_sha256": file_sha256(weights),
+    }
+    return peft_sd, meta
+
+
+def _same_targets(a: Any, b: Any) -> bool:
+    return isinstance(a, list | tuple | set) and isinstance(b, list | tuple | set) and set(a) == set(b)
+
+
+def _target_of(peft_key: str) -> str:
+    module = peft_key.rsplit(".lora_", 1)[0]
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Format conversions
+# --------------------------------------------------------------------------------------------------
+
+
+def peft_to_kohya(peft_state_dict: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """kohya/A1111 UNet keys (``lora_unet_….lora_down.weight`` [r, in], ``lora_up`` [out, r], ``.alpha``).
+
+    diffusers' converter needs the ``unet.`` prefix to emit ``lora_unet_`` and sets ``.alpha`` to the rank;
+    we overwrite it with the trained alpha, a 0-d tensor in the weights' dtype like kohya-ss writes.
+    """
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state_dict.items()})
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in kohya.items():
+        if key.endswith(".alpha"):
+            down = kohya[key.removesuffix(".alpha") + ".lora_down.weight"]
+            out[key] = torch.tensor(float(alpha), dtype=down.dtype)
+        else:
+            out[key] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def kohya_model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as kohya-ss ``precalculate_safetensors_hashes``.
+
+    Serialise with only the ``ss_*`` metadata; the model hash is sha256 of everything after the header
+    (i.e. the tensor bytes, independent of metadata), the legacy hash is sha256 of the 64 KiB at offset
+    1 MiB, first 8 hex digits (sd-webui-additional-networks).
+    """
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
+    """Caption tag counts as kohya-ss counts them: comma-separated, stripped, lower-cased."""
+    freq: dict[str, int] = {}
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                freq[tag] = freq.get(tag, 0) + 1
+    return freq
+
+
+def _meta_str(value: Any) -> str:
+    """Safetensors metadata values must be strings: keep strings, JSON-encode everything else."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def provenance_metadata(provenance: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, str]:
+    """Our safetensors header entries: flat ``shoe_lora_<key>`` strings plus the exact JSON record."""
+    meta = {f"{META_PREFIX}{k}": _meta_str(v) for k, v in provenance.items()}
+    for k in ("rank", "alpha", "dropout", "target_modules"):
+        meta[f"{META_PREFIX}lora_{k}"] = _meta_str(lora[k])
+    meta[META_PROVENANCE_KEY] = json.dumps(dict(provenance), sort_keys=True)
+    return meta
+
+
+def build_kohya_metadata(
+    lora: Mapping[str, Any],
+    facts: TrainingFacts,
+    *,
+    dataset_name: str,
+    base_model: str | None,
+    step: int | None,
+    training_comment: str | None = None,
+) -> dict[str, str]:
+    """kohya-ss style ``ss_*`` training metadata (all values strings, as A1111's metadata viewer expects)."""
+    res = facts.resolution or 512
+    meta: dict[str, Any] = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": int(lora["rank"]),
+        "ss_network_alpha": float(lora["alpha"]),
+        "ss_network_dropout": float(lora.get("dropout") or 0.0),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_sd_model_name": base_model,
+        "ss_resolution": f"({res}, {res})",
+        "ss_steps": step,
+        "ss_max_train_steps": facts.max_train_steps,
+        "ss_learning_rate": facts.learning_rate,
+        "ss_unet_lr": facts.learning_rate,
+        "ss_text_encoder_lr": None,  # the text encoder is not trained
+        "ss_lr_scheduler": facts.lr_scheduler,
+        "ss_lr_warmup_steps": facts.lr_warmup_steps,
+        "ss_batch_size_per_device": facts.train_batch_size,
+        "ss_gradient_accumulation_steps": facts.gradient_accumulation_steps,
+        "ss_num_train_images": facts.num_train_images,
+        "ss_seed": facts.seed,
+        "ss_mixed_precision": facts.mixed_precision,
+        "ss_tag_frequency": json.dumps({dataset_name: tag_frequency(facts.captions)}),
+        "ss_training_comment": training_comment
+        or f"shoe_lora_pipeline export of step {step}; provenance in the shoe_lora_* keys",
+        "ss_output_name": f"{dataset_name}_lora",
+    }
+    # kohya writes str(value) for every field, "None" included.
+    return {k: v if isinstance(v, str) else str(v) for k, v in meta.items()}
+
+
+def _rewrite_safetensors_metadata(path: Path, extra: Mapping[str, str]) -> None:
+    """Add header metadata to a safetensors file written by a library saver (tensor bytes unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        existing = dict(f.metadata() or {})
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={**existing, **extra})
+
+
+def _peft_lora_config(meta: Mapping[str, Any], base_model: str | None, revision: str | None) -> Any:
+    from shoe_lora_pipeline.core.models import lora_config
+
+    cfg = lora_config(meta["rank"], meta["alpha"], meta["dropout"], list(meta["target_modules"]))
+    cfg.base_model_name_or_path = base_model
+    cfg.revision = revision
+    return cfg
+
+
+def _save_peft_adapter(
+    peft_sd: Mapping[str, torch.Tensor], lora_cfg: Any, unet_config_dir: Path, out_dir: Path
+) -> None:
+    """adapter_config.json + adapter_model.safetensors, written by ``PeftModel.save_pretrained``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model
+
+    # The architecture only: no memory and no weights, even for the full SD1.5 UNet.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_config_dir))
+    # get_peft_model copies the module's name_or_path into adapter_config.json's base_model_name_or_path.
+    unet.name_or_path = lora_cfg.base_model_name_or_path
+    peft_model = get_peft_model(unet, lora_cfg)
+    # A PeftModel addresses the UNet as base_model.model.<module> and its parameters carry the adapter
+    # name; save_pretrained(state_dict=...) strips the name and writes the layout that
+    # PeftModel.from_pretrained(unet, dir) expects. Every key and shape is checked against the
+    # (meta) parameters of the wrapped base UNet first.
+    expected = {k: tuple(v.shape) for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    named = {f"base_model.model.{k.removesuffix('.weight')}.default.weight": v for k, v in peft_sd.items()}
+    given = {k: tuple(v.shape) for k, v in named.items()}
+    if given != expected:
+        diff = sorted(set(given.items()) ^ set(expected.items()))
+        raise LoraExportError(
+            f"LoRA does not fit the base UNet in {unet_config_dir}: first mismatch {diff[:2]}"
+        )
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        # save_embedding_layers=False: "auto" probes the Hub for the base model's config.json (a network
+        # call during export); no embedding layer is ever a target here.
+        peft_model.save_pretrained(
+            tmp, safe_serialization=True, save_embedding_layers=False, state_dict=named
+        )
+        # save_pretrained also writes peft's generic README.md; we write our own model card instead.
+        for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
+            os.replace(Path(tmp) / name, out_dir / name)
+
+
+@contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old / out_dir.name, out_dir)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def _final_loss(losses_csv: Path, step: int | None) -> float | None:
+    """Loss of the last logged optimizer step at or before ``step``."""
+    if not losses_csv.is_file():
+        return None
+    loss = None
+    try:
+        with losses_csv.open(newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    s, v = int(float(row["step"])), float(row["loss"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if step is None or s <= step:
+                    loss = v
+    except OSError:
+        return None
+    return loss
+
+
+def _latest_grid(validation_dir: Path, step: int | None) -> Path | None:
+    """The grid of the checkpoint's step, else the latest one before it (never one from after it)."""
+    if not validation_dir.is_dir():
+        return None
+    grids = []
+    for p in validation_dir.glob("grid_step*.png"):
+        m = _GRID_RE.search(p.name)
+        if m and (step is None or int(m.group(1)) <= step):
+            grids.append((int(m.group(1)), p))
+    return max(grids)[1] if grids else None
+
+
+# TrainingFacts fields that the trainer records in training_state.json's "training_config".
+_RECORDED_FACTS = (
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "resolution",
+    "seed",
+    "mixed_precision",
+    "validation_prompts",
+)
+
+
+def _merge_facts(facts: TrainingFacts, recorded: Mapping[str, Any], warnings: list[str]) -> TrainingFacts:
+    """The checkpoint's recorded settings describe the weights: they win over the caller's (today's config)."""
+    merged = TrainingFacts(**{f: getattr(facts, f) for f in facts.__dataclass_fields__})
+    for name in _RECORDED_FACTS:
+        value = recorded.get(name)
+        if value is None or value == []:
+            continue
+        given = getattr(merged, name)
+        if given not in (None, []) and given != value:
+            warnings.append(
+                f"training {name} = {given!r} differs from the checkpoint's {value!r}; used the latter"
+            )
+        setattr(merged, name, value)
+    return merged
+
+
+def _merge_provenance(provenance: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """Caller's record over the automatic one (versions, git, platform), checkpoint facts over both."""
+    prov = {**collect_provenance(), **provenance}
+    base = dict(meta.get("base_model") or {})
+    facts = {
+        "checkpoint_step": meta.get("global_step"),
+        "base_model": base.get("base_model"),
+        "base_model_revision": base.get("revision"),
+        "base_model_fingerprint": base.get("fingerprint"),
+        "training_hash": meta.get("training_hash"),
+        "dataset_fingerprint": meta.get("dataset_fingerprint"),
+    }
+    warnings = []
+    for key, value in facts.items():
+        if value is None:
+            continue
+        given = prov.get(key)
+        if given is not None and given != value:
+            warnings.append(
+                f"provenance {key} = {given!r} differs from the checkpoint's {value!r}; kept both"
+            )
+            prov[f"requested_{key}"] = given
+        prov[key] = value
+    prov["source_checkpoint_sha256"] = meta.get("weights_sha256")
+    return prov, warnings
+
+
+def export_lora(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    *,
+    dataset_name: str,
+    provenance: Mapping[str, Any],
+    training: TrainingFacts | None = None,
+    kohya_metadata: Mapping[str, str] | None = None,
+    base_model_dir: Path | None = None,
+    training_output_dir: Path | None = None,
+) -> ExportResult:
+    """Write the PEFT, diffusers and kohya files, ``validation_grid.png``, ``provenance.json`` and README.md.
+
+    ``kohya_metadata`` entries override the ``ss_*`` fields derived from ``training``. ``base_model_dir``
+    (the diffusers folder; default: the path recorded in the checkpoint) supplies the UNet config the PEFT
+    adapter is checked against. ``training_output_dir`` (default: two levels above the checkpoint) holds
+    ``losses.csv`` and ``validation/``.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    peft_sd, meta = load_checkpoint_lora(checkpoint_dir)
+    prov, warnings = _merge_provenance(provenance, meta)
+    if prov.get("dataset_name") is None:
+        prov["dataset_name"] = dataset_name
+    facts = _merge_facts(training or TrainingFacts(), meta["training_config"], warnings)
+    step = meta["global_step"]
+    base_model = prov.get("base_model") or "unknown"
+    base_revision = prov.get("base_model_revision")
+    if base_model_dir is None:
+        recorded = (meta.get("base_model") or {}).get("path")
+        base_model_dir = Path(recorded) if recorded else None
+    if base_model_dir is None or not (Path(base_model_dir) / "unet" / "config.json").is_file():
+        raise LoraExportError(
+            f"base model folder {base_model_dir} (from {checkpoint_dir / TRAINING_STATE_NAME}) has no "
+            "unet/config.json: pass base_model_dir= the diffusers folder of the base model"
+        )
+    training_output_dir = Path(training_output_dir or checkpoint_dir.parent.parent)
+    if facts.final_loss is None:
+        facts.final_loss = meta["loss"]
+    for losses_csv in (checkpoint_dir / "losses.csv", training_output_dir / "losses.csv"):
+        if facts.final_loss is None:
+            facts.final_loss = _final_loss(losses_csv, step)
+    lora = {k: meta[k] for k in ("rank", "alpha", "dropout", "target_modules")}
+    lora["scale"] = meta["alpha"] / meta["rank"]
+    ours = provenance_metadata(prov, lora)
+    lora_cfg = _peft_lora_config(meta, base_model, base_revision)
+    kohya_name = kohya_weights_name(dataset_name)
+
+    out_dir = Path(out_dir)
+    with _atomic_dir(out_dir) as tmp:
+        # 1. PEFT adapter.
+        _save_peft_adapter(peft_sd, lora_cfg, Path(base_model_dir) / "unet", tmp)
+        _rewrite_safetensors_metadata(tmp / PEFT_WEIGHTS_NAME, ours)
+
+        # 2. diffusers: the adapter metadata carries lora_alpha, so load_lora_weights applies alpha/r.
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=convert_state_dict_to_diffusers(dict(peft_sd)),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=lora_cfg.to_dict(),
+        )
+        _rewrite_safetensors_metadata(tmp / DIFFUSERS_WEIGHTS_NAME, ours)
+
+        # 3. kohya / A1111 / ComfyUI.
+        kohya_sd = peft_to_kohya(peft_sd, meta["alpha"])
+        ss = build_kohya_metadata(lora, facts, dataset_name=dataset_name, base_model=base_model, step=step)
+        for k, v in (kohya_metadata or {}).items():
+            if not isinstance(v, str):
+                raise LoraExportError(f"kohya metadata {k!r} must be a string, got {type(v).__name__}")
+            if k in ("ss_network_dim", "ss_network_alpha") and v != ss[k]:
+                # These must describe the tensors; a different value would mislead every client.
+                raise LoraExportError(f"kohya metadata {k} = {v!r} contradicts the checkpoint ({ss[k]!r})")
+            ss[k] = v
+        model_hash, legacy_hash = kohya_model_hashes(kohya_sd, ss)
+        header = {**ss, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash, **ours}
+        save_file(kohya_sd, str(tmp / kohya_name), metadata=header)
+
+        # 4. Validation grid of this step.
+        grid_src = _latest_grid(training_output_dir / "validation", step)
+        grid = None
+        if grid_src is not None:
+            grid = tmp / VALIDATION_GRID_NAME
+            shutil.copyfile(grid_src, grid)
+
+        weight_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, kohya_name]
+        hashes = {name: file_sha256(tmp / name) for name in weight_files}
+
+        # 5. provenance.json, human-readable.
+        record = {
+            "schema": PROVENANCE_SCHEMA,
+            "kind": "lora_weights",
+            "lora": lora,
+            "provenance": prov,
+            "files": hashes,
+            "kohya": {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash},
+            "warnings": warnings,
+        }
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+        # 6. Model card.
+        write_model_card(
+            tmp / MODEL_CARD_NAME,
+            ModelCardInfo(
+                dataset_name=dataset_name,
+                base_model=base_model,
+                base_model_revision=base_revision,
+                rank=meta["rank"],
+                alpha=meta["alpha"],
+                dropout=meta["dropout"],
+                target_modules=list(meta["target_modules"]),
+                steps=step,
+                learning_rate=facts.learning_rate,
+                lr_scheduler=facts.lr_scheduler,
+                train_batch_size=facts.train_batch_size,
+                gradient_accumulation_steps=facts.gradient_accumulation_steps,
+                resolution=facts.resolution,
+                final_loss=facts.final_loss,
+                num_train_images=facts.num_train_images,
+                instance_prompt=facts.caption_template,
+                widget_prompts=list(facts.validation_prompts),
+                kohya_weights_file=kohya_name,
+                validation_grid_file=VALIDATION_GRID_NAME if grid else None,
+                file_sha256=hashes,
+                provenance=prov,
+            ),
+        )
+    return ExportResult(
+        out_dir=out_dir,
+        peft_config=out_dir / PEFT_CONFIG_NAME,
+        peft_weights=out_dir / PEFT_WEIGHTS_NAME,
+        diffusers_weights=out_dir / DIFFUSERS_WEIGHTS_NAME,
+        kohya_weights=out_dir / kohya_name,
+        model_card=out_dir / MODEL_CARD_NAME,
+        provenance_json=out_dir / PROVENANCE_NAME,
+        validation_grid=out_dir / VALIDATION_GRID_NAME if grid else None,
+        rank=meta["rank"],
+        alpha=meta["alpha"],
+        step=step,
+        file_sha256=hashes,
+        provenance=prov,
+        warnings=warnings,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuse
+# --------------------------------------------------------------------------------------------------
+
+
+def fuse_lora_pipeline(
+    base_model_dir: Path,
+    lora_dir: Path,
+    out_dir: Path,
+    lora_scale: float = 1.0,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save base model + LoRA merged into the weights as a standalone diffusers pipeline folder.
+
+    ``lora_scale`` multiplies the trained alpha/r scale (1.0 = as trained). ``provenance.json`` carries the
+    LoRA's own record over and describes the fusing (scale, source sha256, ``provenance`` of this run) under
+    ``fuse``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    lora_dir = Path(lora_dir)
+    weights = lora_dir / DIFFUSERS_WEIGHTS_NAME
+    if not weights.is_file():
+        raise LoraExportError(f"{weights}: LoRA weights file not found")
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_model_dir), safety_checker=None)
+    pipe.load_lora_weights(str(lora_dir), weight_name=DIFFUSERS_WEIGHTS_NAME)
+    pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+    leftover = [n for n, _ in pipe.unet.named_modules() if n.endswith(("lora_A", "lora_B"))]
+    if leftover:
+        raise LoraExportError(f"LoRA layers remain after fusing, e.g. {leftover[0]}")
+
+    source = _read_json(lora_dir / PROVENANCE_NAME) if (lora_dir / PROVENANCE_NAME).is_file() else {}
+    lora = {**(source.get("lora") or {}), "fused_scale": lora_scale}
+    record = {
+        "schema": PROVENANCE_SCHEMA,
+        "kind": "fused_pipeline",
+        "lora": lora,
+        # How the LoRA was trained and exported; the fusing run is described under "fuse".
+        "provenance": source.get("provenance") or dict(provenance or {}) or collect_provenance(),
+        "fuse": {
+            "lora_scale": lora_scale,
+            "created_at": utc_now_iso(),
+            "source_lora_file": DIFFUSERS_WEIGHTS_NAME,
+            "source_lora_sha256": file_sha256(weights),
+        },
+    }
+    if provenance:
+        record["fuse"]["provenance"] = dict(provenance)
+    with _atomic_dir(Path(out_dir)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading provenance back
+# --------------------------------------------------------------------------------------------------
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:  # header only; no torch needed
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise ProvenanceError(f"{path}: not a readable safetensors file: {exc}") from None
+
+
+def _from_safetensors(path: Path) -> dict[str, Any]:
+    meta = _safetensors_metadata(path)
+    lora: dict[str, Any] = {}
+    fmt = "safetensors"
+    if any(k.startswith("ss_") for k in meta):
+        fmt = "kohya"
+        if "ss_network_dim" in meta:
+            lora["rank"] = int(meta["ss_network_dim"])
+        if "ss_network_alpha" in meta:
+            lora["alpha"] = float(meta["ss_network_alpha"])
+    if "lora_adapter_metadata" in meta:
+        fmt = "diffusers"
+        adapter = json.loads(meta["lora_adapter_metadata"])
+        for ours, theirs in (("rank", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+            if f"unet.{theirs}" in adapter:
+                lora[ours] = adapter[f"unet.{theirs}"]
+        if "unet.target_modules" in adapter:
+            lora["target_modules"] = sorted(adapter["unet.target_modules"])
+    sibling = path.parent / PEFT_CONFIG_NAME
+    if path.name == PEFT_WEIGHTS_NAME and sibling.is_file():
+        fmt = "peft"
+        cfg = json.loads(sibling.read_text())
+        lora.update(
+            rank=cfg.get("r"),
+            alpha=cfg.get("lora_alpha"),
+            dropout=cfg.get("lora_dropout"),
+            target_modules=sorted(cfg.get("target_modules") or []),
+        )
+    for k in ("rank", "alpha", "dropout", "target_modules"):
+        raw = meta.get(f"{META_PREFIX}lora_{k}")
+        if k not in lora and raw is not None:
+            lora[k] = json.loads(raw) if k != "target_modules" or raw.startswith("[") else raw
+    if META_PROVENANCE_KEY in meta:
+        prov = json.loads(meta[META_PROVENANCE_KEY])
+    else:  # written by another tool: only the flat string entries
+        prov = {
+            k.removeprefix(META_PREFIX): v
+            for k, v in meta.items()
+            if k.startswith(META_PREFIX) and not k.startswith(f"{META_PREFIX}lora_")
+        }
+    if not prov:
+        raise ProvenanceError(f"{path}: no shoe_lora provenance in the safetensors header")
+    extra = {k: v for k, v in meta.items() if k.startswith("sshs_")}
+    return {"format": fmt, "lora": lora, "provenance": prov, "extra": extra}
+
+
+def _from_json_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProvenanceError(f"{path}: cannot read provenance JSON: {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("provenance"), dict):
+        raise ProvenanceError(f"{path}: no 'provenance' object in this JSON file")
+    extra = {k: v for k, v in record.items() if k not in {"lora", "provenance", "kind", "schema"}}
+    return {
+        "format": record.get("kind", "provenance.json"),
+        "lora": record.get("lora") or {},
+        "provenance": record["provenance"],
+        "extra": extra,
+    }
+
+
+def _from_model_card(path: Path) -> dict[str, Any]:
+    try:
+        front = read_front_matter(path)
+    except ModelCardError as exc:
+        raise ProvenanceError(str(exc)) from None
+    block = front.get(FRONT_MATTER_KEY)
+    if not isinstance(block, dict) or not isinstance(block.get("provenance"), dict):
+        raise ProvenanceError(f"{path}: no '{FRONT_MATTER_KEY}' provenance in the model card front matter")
+    return {
+        "format": "model_card",
+        "lora": block.get("lora") or {},
+        "provenance": block["provenance"],
+        "extra": {"base_model": front.get("base_model"), "files": block.get("files") or {}},
+    }
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """Provenance and LoRA hyper-parameters stored in an exported file or folder.
+
+    Accepts a ``.safetensors`` file (kohya, diffusers or PEFT export), ``adapter_config.json``,
+    ``provenance.json``, ``README.md``, the ``lora_weights`` folder or a fused pipeline folder.
+    Returns ``{"path", "format", "lora", "provenance", "extra"}``. Raises :class:`ProvenanceError` naming the path when there is none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ProvenanceError(f"{path}: no such file or folder")
+    if path.is_dir():
+        for name in (PROVENANCE_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME):
+            if (path / name).is_file():
+                return read_provenance(path / name)
+        raise ProvenanceError(
+            f"{path}: folder has no {PROVENANCE_NAME}, {PEFT_WEIGHTS_NAME}, {DIFFUSERS_WEIGHTS_NAME} or "
+            f"{MODEL_CARD_NAME} to read provenance from"
+        )
+    suffix = path.suffix.lower()
+    if path.name == PEFT_CONFIG_NAME and (path.parent / PEFT_WEIGHTS_NAME).is_file():
+        # adapter_config.json has no room for provenance; its weights file carries it.
+        return read_provenance(path.parent / PEFT_WEIGHTS_NAME)
+    if suffix == ".safetensors":
+        result = _from_safetensors(path)
+    elif suffix == ".json":
+        result = _from_json_record(path)
+    elif suffix == ".md":
+        result = _from_model_card(path)
+    else:
+        raise ProvenanceError(f"{path}: not an exported file (.safetensors, provenance.json or README.md)")
+    lora = result["lora"]
+    if lora.get("rank") and lora.get("alpha") is not None and "scale" not in lora:
+        lora["scale"] = float(lora["alpha"]) / float(lora["rank"])
+    return {"path": str(path), **result}
+
+
+def weights_header(path: Path) -> dict[str, str]:
+    """Raw safetensors header metadata (for tests and debugging)."""
+    return _safetensors_metadata(Path(path))
+
+
+def kohya_tensor_hash(path: Path) -> str:
+    """sha256 of the tensor section of a safetensors file; equals ``sshs_model_hash`` of a kohya file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,376 @@
+"""Export of a training checkpoint into the PEFT, diffusers and kohya formats: files, keys, metadata.
+
+Numerical equivalence of the formats is in test_lora_equivalence.py. ``make_training_checkpoint`` writes a
+checkpoint exactly as the trainer does and is reused by the other test modules.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shoe_lora_pipeline.core import lora_io
+from shoe_lora_pipeline.core.model_card import LICENSE_LINE, read_front_matter
+from shoe_lora_pipeline.core.models import lora_config, tiny_sd_path
+
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+DATASET = "casual_shoes"
+CAPTIONS = [
+    "A professional product photo of black casual shoes on white background, side view, product photography",
+    "A professional product photo of brown leather casual shoes on white background, side view, product photography",
+    "A professional product photo of white casual sneakers on white background, top view, product photography",
+]
+
+
+def adapted_unet(base_dir: Path, rank: int, alpha: float, seed: int = 0) -> Any:
+    """A fresh tiny UNet with a LoRA whose A *and* B are random (B starts at zero in peft, which would make
+    every comparison trivially pass)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet", use_safetensors=True)
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(rank, alpha, 0.0, TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return unet.eval()
+
+
+def make_training_checkpoint(
+    root: Path, base_dir: Path, *, rank: int = 8, alpha: float = 16, step: int = 20, seed: int = 0
+) -> tuple[Path, Any]:
+    """``root`` = training.output_dir: checkpoints/checkpoint-N/, validation/, losses.csv, summary."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+    from PIL import Image
+
+    from shoe_lora_pipeline.core.models import base_model_identity
+
+    unet = adapted_unet(base_dir, rank, alpha, seed)
+    ckpt = root / "checkpoints" / f"checkpoint-{step}"
+    cfg = lora_config(rank, alpha, 0.0, TARGETS)
+    # Exactly the trainer's save call.
+    StableDiffusionPipeline.save_lora_weights(
+        ckpt,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=cfg.to_dict(),
+    )
+    state = {
+        "global_step": step,
+        "lora": {"rank": rank, "alpha": alpha, "dropout": 0.0, "target_modules": TARGETS},
+        "base_model": base_model_identity("tiny-sd", base_dir),
+        "training_hash": "train-hash-123",
+        "dataset_fingerprint": "dataset-fp-456",
+        # What the trainer records (recorded_training_config): the settings that produced these weights.
+        "training_config": {
+            "learning_rate": 1e-4,
+            "lr_scheduler": "cosine",
+            "train_batch_size": 2,
+            "gradient_accumulation_steps": 8,
+            "max_train_steps": 3000,
+            "resolution": 512,
+            "lora_rank": rank,
+            "lora_alpha": alpha,
+        },
+    }
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+    (root / "validation").mkdir(parents=True, exist_ok=True)
+    for s, colour in ((step // 2, "red"), (step, "green"), (step * 2, "blue")):  # step*2: after the ckpt
+        Image.new("RGB", (32, 32), colour).save(root / "validation" / f"grid_step{s:05d}.png")
+    with (root / "losses.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "loss", "lr", "grad_norm", "seconds"])
+        for s in range(1, step * 2 + 1):
+            w.writerow([s, 0, 1.0 / s, 1e-4, 0.5, 0.1])
+    (root / "training_summary.json").write_text(json.dumps({"global_step": step}))
+    return ckpt, unet
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_sd_cache: Path) -> Path:
+    return tiny_sd_path(tiny_sd_cache)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> lora_io.ExportResult:
+    root = tmp_path_factory.mktemp("train")
+    ckpt, _ = make_training_checkpoint(root, base_dir, rank=8, alpha=16, step=20)
+    facts = lora_io.TrainingFacts(
+        learning_rate=1e-4,
+        lr_scheduler="cosine",
+        train_batch_size=2,
+        gradient_accumulation_steps=8,
+        max_train_steps=3000,
+        resolution=512,
+        captions=CAPTIONS,
+        caption_template="A professional product photo of {colour} {type} shoes on white background",
+        validation_prompts=CAPTIONS[:2],
+    )
+    provenance = {"dagster_run_id": "run-abc", "config_hash": "cfg-hash", "dataset_manifest_hash": "mh"}
+    return lora_io.export_lora(
+        ckpt, root / "lora_weights", dataset_name=DATASET, provenance=provenance, training=facts
+    )
+
+
+def test_load_checkpoint_lora_gives_peft_keys_and_declared_alpha(tmp_path: Path, base_dir: Path) -> None:
+    ckpt, unet = make_training_checkpoint(tmp_path, base_dir, rank=4, alpha=16)
+    sd, meta = lora_io.load_checkpoint_lora(ckpt)
+    assert meta["rank"] == 4 and meta["alpha"] == 16.0 and meta["global_step"] == 20
+    assert meta["target_modules"] == sorted(TARGETS)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    assert key in sd
+    trained = dict(unet.named_parameters())
+    torch.testing.assert_close(sd[key], trained[key.replace(".weight", ".default.weight")], rtol=0, atol=0)
+
+    # Without training_state.json alpha comes from the file's lora_adapter_metadata.
+    (ckpt / "training_state.json").unlink()
+    _, meta = lora_io.load_checkpoint_lora(ckpt)
+    assert (meta["rank"], meta["alpha"]) == (4, 16.0)
+
+
+def test_load_checkpoint_refuses_to_guess_alpha(tmp_path: Path, base_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ckpt, _ = make_training_checkpoint(tmp_path, base_dir, rank=4, alpha=16)
+    weights = ckpt / lora_io.DIFFUSERS_WEIGHTS_NAME
+    save_file(load_file(weights), weights, metadata={"format": "pt"})  # no lora_adapter_metadata
+    (ckpt / "training_state.json").unlink()
+    with pytest.raises(lora_io.LoraExportError, match="refusing to assume alpha = rank"):
+        lora_io.load_checkpoint_lora(ckpt)
+
+
+def test_load_checkpoint_rejects_conflicting_alpha(tmp_path: Path, base_dir: Path) -> None:
+    ckpt, _ = make_training_checkpoint(tmp_path, base_dir, rank=4, alpha=16)
+    state = json.loads((ckpt / "training_state.json").read_text())
+    state["lora"]["alpha"] = 4
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(lora_io.LoraExportError, match="lora.alpha"):
+        lora_io.load_checkpoint_lora(ckpt)
+
+
+def test_export_writes_all_files(export: lora_io.ExportResult) -> None:
+    names = sorted(p.name for p in export.out_dir.iterdir())
+    assert names == sorted(
+        [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            f"{DATASET}_lora.safetensors",
+            "provenance.json",
+            "pytorch_lora_weights.safetensors",
+            "validation_grid.png",
+        ]
+    )
+    # No temporary folders left next to the export.
+    assert not [p for p in export.out_dir.parent.iterdir() if p.name.startswith(".lora_weights")]
+    assert export.step == 20 and export.rank == 8 and export.alpha == 16.0
+
+
+def test_peft_adapter_config(export: lora_io.ExportResult) -> None:
+    cfg = json.loads(export.peft_config.read_text())
+    assert cfg["peft_type"] == "LORA"
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["lora_dropout"] == 0.0
+    assert sorted(cfg["target_modules"]) == sorted(TARGETS)
+    assert cfg["base_model_name_or_path"] == "tiny-sd"
+    assert cfg["auto_mapping"]["base_model_class"] == "UNet2DConditionModel"
+    from safetensors import safe_open
+
+    with safe_open(str(export.peft_weights), framework="pt") as f:
+        keys = list(f.keys())
+    # The layout PeftModel.from_pretrained(unet, dir) expects for a wrapped UNet.
+    assert all(
+        k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys
+    )
+
+
+def test_diffusers_file_declares_alpha_and_keeps_provenance(export: lora_io.ExportResult) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    header = lora_io.weights_header(export.diffusers_weights)
+    adapter = json.loads(header["lora_adapter_metadata"])
+    assert adapter["unet.r"] == 8 and adapter["unet.lora_alpha"] == 16
+    assert header["shoe_lora_dagster_run_id"] == "run-abc"
+    # diffusers still reads the file after our header rewrite.
+    sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(
+        str(export.out_dir), weight_name=lora_io.DIFFUSERS_WEIGHTS_NAME, return_lora_metadata=True
+    )
+    assert alphas is None and meta["unet.lora_alpha"] == 16
+    assert all(k.startswith("unet.") for k in sd)
+
+
+def test_kohya_keys_shapes_and_alpha(export: lora_io.ExportResult) -> None:
+    from safetensors.torch import load_file
+
+    sd = load_file(export.kohya_weights)
+    pattern = re.compile(
+        r"^lora_unet_[a-z0-9_]+_(to_q|to_k|to_v|to_out_0)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+    )
+    assert all(pattern.match(k) for k in sd), [k for k in sd if not pattern.match(k)][:3]
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert f"{name}.lora_down.weight" in sd
+    down, up, alpha = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], sd[f"{name}.alpha"]
+    assert down.shape == (8, 32) and up.shape == (32, 8)  # [r, in] / [out, r]; tiny block 0 is 32 wide
+    # The trained alpha, not the rank that convert_state_dict_to_kohya writes.
+    assert alpha.ndim == 0 and alpha.dtype == torch.float32 and alpha.item() == 16.0
+    modules = {k.split(".")[0] for k in sd}
+    assert len(sd) == 3 * len(modules)
+    assert all(sd[f"{m}.alpha"].item() == 16.0 for m in modules)
+
+
+def test_kohya_metadata(export: lora_io.ExportResult) -> None:
+    header = lora_io.weights_header(export.kohya_weights)
+    assert all(isinstance(v, str) for v in header.values())
+    expected = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "8",
+        "ss_network_alpha": "16.0",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_sd_model_name": "tiny-sd",
+        "ss_resolution": "(512, 512)",
+        "ss_steps": "20",
+        "ss_learning_rate": "0.0001",
+        "ss_lr_scheduler": "cosine",
+        "ss_num_train_images": "3",
+        "ss_output_name": f"{DATASET}_lora",
+        "shoe_lora_checkpoint_step": "20",
+        "shoe_lora_training_hash": "train-hash-123",
+        "shoe_lora_config_hash": "cfg-hash",
+        "shoe_lora_dataset_manifest_hash": "mh",
+        "shoe_lora_base_model": "tiny-sd",
+        "shoe_lora_dagster_run_id": "run-abc",
+    }
+    assert {k: header.get(k) for k in expected} == expected
+    freq = json.loads(header["ss_tag_frequency"])
+    assert freq[DATASET]["product photography"] == 3 and freq[DATASET]["side view"] == 2
+    assert "ss_training_comment" in header
+    # sshs_model_hash is kohya's: sha256 of the tensor section of the file.
+    assert header["sshs_model_hash"] == lora_io.kohya_tensor_hash(export.kohya_weights)
+    assert re.fullmatch(r"[0-9a-f]{8}", header["sshs_legacy_hash"])
+
+
+def test_provenance_is_the_same_in_every_file(export: lora_io.ExportResult) -> None:
+    paths = [
+        export.out_dir,
+        export.peft_weights,
+        export.diffusers_weights,
+        export.kohya_weights,
+        export.model_card,
+        export.provenance_json,
+    ]
+    records = [lora_io.read_provenance(p) for p in paths]
+    first = records[0]["provenance"]
+    assert first["dagster_run_id"] == "run-abc" and first["checkpoint_step"] == 20
+    assert first["base_model"] == "tiny-sd" and first["base_model_revision"] == "tiny-sd-v1"
+    for r in records:
+        assert r["provenance"] == first, r["path"]
+        assert (r["lora"]["rank"], float(r["lora"]["alpha"]), r["lora"]["scale"]) == (8, 16.0, 2.0), r["path"]
+    assert {r["format"] for r in records} >= {"peft", "diffusers", "kohya", "model_card", "lora_weights"}
+    record = json.loads(export.provenance_json.read_text())
+    assert record["files"][f"{DATASET}_lora.safetensors"] == lora_io.file_sha256(export.kohya_weights)
+
+
+def test_model_card(export: lora_io.ExportResult) -> None:
+    text = export.model_card.read_text()
+    assert text.splitlines()[1] == LICENSE_LINE and "TODO" in LICENSE_LINE
+    front = read_front_matter(export.model_card)
+    assert front["base_model"] == "tiny-sd" and front["library_name"] == "diffusers"
+    assert front["tags"] == ["stable-diffusion", "lora", "text-to-image", "diffusers", "product-photography"]
+    assert front["widget"][0] == {"text": CAPTIONS[0], "output": {"url": "validation_grid.png"}}
+    assert "{colour}" in front["instance_prompt"]
+    for needle in (
+        "load_lora_weights",
+        "PeftModel.from_pretrained",
+        f"{DATASET}_lora.safetensors",
+        "![validation grid](validation_grid.png)",
+        "| Steps | 20 |",
+        "| LoRA rank / alpha (scale) | 8 / 16 (2) |",
+        "2 × 8 accumulation = 16",
+        "| Final training loss | 0.05 |",  # losses.csv at step 20, not the later rows
+        "| dagster_run_id | run-abc |",
+    ):
+        assert needle in text, needle
+
+
+def test_validation_grid_is_the_checkpoint_step(export: lora_io.ExportResult) -> None:
+    from PIL import Image
+
+    assert export.validation_grid is not None
+    with Image.open(export.validation_grid) as im:
+        assert im.getpixel((0, 0)) == (0, 128, 0)  # "green" = grid_step00020, not the later "blue"
+
+
+def test_reexport_replaces_atomically_and_warns_on_mismatch(tmp_path: Path, base_dir: Path) -> None:
+    ckpt, _ = make_training_checkpoint(tmp_path, base_dir, rank=4, alpha=8, step=6)
+    out = tmp_path / "lora_weights"
+    out.mkdir()
+    (out / "stale.txt").write_text("old export")
+    res = lora_io.export_lora(
+        ckpt, out, dataset_name="x", provenance={"checkpoint_step": 5}, base_model_dir=base_dir
+    )
+    assert not (out / "stale.txt").exists() and (out / "x_lora.safetensors").is_file()
+    assert res.provenance["checkpoint_step"] == 6 and res.provenance["requested_checkpoint_step"] == 5
+    assert res.warnings and "checkpoint_step" in res.warnings[0]
+    # Training numbers come from the checkpoint's recorded config when the caller gives none.
+    card = (out / "README.md").read_text()
+    assert "| Learning rate / schedule | 0.0001 / cosine |" in card and "2 × 8 accumulation = 16" in card
+    # Nothing but the export itself was added next to the training outputs (no temporary folders).
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["checkpoints", "losses.csv", "lora_weights", "training_summary.json", "validation"]
+    )
+
+
+def test_checkpoint_settings_win_over_caller_facts(tmp_path: Path, base_dir: Path) -> None:
+    ckpt, _ = make_training_checkpoint(tmp_path, base_dir, rank=4, alpha=8, step=6)
+    state = json.loads((ckpt / "training_state.json").read_text())
+    state["loss"] = 0.125
+    (ckpt / "training_state.json").write_text(json.dumps(state))
+    facts = lora_io.TrainingFacts(learning_rate=5e-4, resolution=512)
+    res = lora_io.export_lora(ckpt, tmp_path / "lw", dataset_name="x", provenance={}, training=facts)
+    assert any("learning_rate" in w for w in res.warnings)
+    header = lora_io.weights_header(res.kohya_weights)
+    assert header["ss_learning_rate"] == "0.0001"
+    assert "| Final training loss | 0.125 |" in res.model_card.read_text()
+
+
+def test_export_fails_cleanly_without_base_model(tmp_path: Path, base_dir: Path) -> None:
+    ckpt, _ = make_training_checkpoint(tmp_path, base_dir, rank=4, alpha=8)
+    with pytest.raises(lora_io.LoraExportError, match="base_model_dir"):
+        lora_io.export_lora(
+            ckpt, tmp_path / "out", dataset_name="x", provenance={}, base_model_dir=tmp_path / "nowhere"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_provenance_errors(tmp_path: Path) -> None:
+    with pytest.raises(lora_io.ProvenanceError, match="no such file"):
+        lora_io.read_provenance(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain, metadata={"format": "pt"})
+    with pytest.raises(lora_io.ProvenanceError, match="plain.safetensors"):
+        lora_io.read_provenance(plain)
+    (tmp_path / "README.md").write_text("# no front matter\n")
+    with pytest.raises(lora_io.ProvenanceError, match="README.md"):
+        lora_io.read_provenance(tmp_path / "README.md")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(lora_io.ProvenanceError, match="empty"):
+        lora_io.read_provenance(empty)
+    shutil.rmtree(empty)
+
+
+def test_tag_frequency_counts_like_kohya() -> None:
+    assert lora_io.tag_frequency(["A, b ,a", "B,,c"]) == {"a": 2, "b": 2, "c": 1}
