@@ -131,6 +131,9 @@ class TrainingConfig(_Strict):
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int = Field(5, ge=1)
     seed: int = 42
+    deterministic: bool = Field(
+        False, description="Deterministic CUDA kernels: bit-identical resume on GPUs, somewhat slower."
+    )
     cache_latents: bool = Field(True, description="Encode images/captions once before training.")
     latent_encoding_batch_size: int = Field(8, ge=1)
     dataloader_num_workers: int = Field(0, ge=0)
@@ -215,6 +218,8 @@ class PipelineConfig(_Strict):
             "output_dir",
             "dataloader_num_workers",
             "latent_encoding_batch_size",
+            # Recomputes activations, same numbers: toggling it must not throw away a run's checkpoints.
+            "gradient_checkpointing",
         }
         payload = self.training.model_dump(mode="json", exclude=cadence)
         payload["resolution"] = self.dataset.resolution

@@ -1,0 +1,247 @@
+"""Training-step cost with cached vs uncached latents, on the tiny SD-shaped model.
+
+Runs this project's own ``cache_latents`` + ``train_lora`` (the reference recipe: LoRA r=8/α=16 on
+to_k,to_q,to_v,to_out.0) at 512 px, batch 2 × accumulation 2, and measures, per variant:
+
+* seconds per optimizer step (mean ± sd over the measured steps; the first ``--warmup`` steps excluded),
+* training images per second (= batch × accumulation / seconds per step),
+* peak memory: the process's peak RSS on the CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on CUDA.
+
+Each variant runs in a fresh subprocess, so peak RSS is that variant's alone. The one-off cost of
+encoding the latent cache is reported separately. Prints a markdown table (and writes it to ``--out``).
+
+    python benchmarks/train_step.py [--device cpu|cuda] [--mixed-precision no|fp16|bf16] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_dataset(root: Path, n: int, resolution: int) -> Path:
+    """n synthetic 'shoe' photos + captions.json in the data stage's layout."""
+    from PIL import Image, ImageDraw
+
+    train = root / "train"
+    (train / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        img = Image.new("RGB", (resolution, resolution), "white")
+        s = resolution / 128
+        ImageDraw.Draw(img).ellipse((10 * s + i, 50 * s, 110 * s, 90 * s + i), fill=(30 * i % 256, 90, 160))
+        name = f"{10001 + i}.png"
+        img.save(train / "images" / name)
+        entries.append(
+            {
+                "image_file": name,
+                "caption": f"A professional product photo of shoe number {i} on white background",
+                "metadata": {"original_size": [resolution, resolution], "processed": True},
+            }
+        )
+    (train / "captions.json").write_text(json.dumps(entries))
+    return train
+
+
+def make_cfg(args: argparse.Namespace, out: Path, cached: bool):
+    from shoe_lora_pipeline.core.config import PipelineConfig
+
+    return PipelineConfig(
+        dataset={"raw_dir": out, "output_dir": out, "resolution": args.resolution},
+        training={
+            "output_dir": out / "lora",
+            "train_batch_size": args.batch,
+            "gradient_accumulation_steps": args.accum,
+            # The loop is stopped by max_steps_this_run before the end: no final checkpoint or validation
+            # inside the measurement, and peak memory is the training loop's.
+            "max_train_steps": 10_000,
+            "checkpointing_steps": 10_000,
+            "validation_steps": 10_000,
+            "lr_warmup_steps": 1,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "mixed_precision": args.mixed_precision,
+            "cache_latents": cached,
+            "log_every_steps": 1,
+        },
+    )
+
+
+def child(args: argparse.Namespace) -> None:
+    """One variant in this fresh process; prints a JSON line."""
+    import torch
+
+    from shoe_lora_pipeline.core.device import choose_device
+    from shoe_lora_pipeline.core.models import load_base_model
+    from shoe_lora_pipeline.core.training import train_lora
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    cached = args.child == "cached"
+    device_info = choose_device(args.device, args.mixed_precision)
+    components = load_base_model("tiny-sd", cache_dir=work / "model", dtype=device_info.weight_dtype)
+    cfg = make_cfg(args, work / f"run-{args.child}", cached)
+    result = train_lora(
+        cfg,
+        components,
+        device_info,
+        train_dir=work / "data" / "train",
+        latents_dir=work / "latents" if cached else None,
+        output_dir=cfg.training.output_dir,
+        dataset_fingerprint="benchmark",
+        max_steps_this_run=args.warmup + args.steps,
+    )
+    measured = [r["seconds"] for r in result.losses[args.warmup :]]
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "variant": args.child,
+                "seconds": measured,
+                "peak_memory_mb": result.peak_memory_mb,
+                "device": result.device,
+                "trainable_params": result.trainable_params,
+            }
+        ),
+        flush=True,
+    )
+
+
+def machine_description(device: str) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [
+        f"CPU {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
+    ]
+    if device == "cuda" and torch.cuda.is_available():
+        parts.insert(0, f"GPU {torch.cuda.get_device_name(0)}")
+    return "; ".join(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
+    p.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model-cache", type=Path, default=None, help="folder holding (or to build) tiny-sd")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    from shoe_lora_pipeline.core.device import choose_device
+    from shoe_lora_pipeline.core.latents import cache_latents
+    from shoe_lora_pipeline.core.models import load_base_model, tiny_sd_path
+
+    with tempfile.TemporaryDirectory(prefix="train-step-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = work / "model"
+        model_dir.mkdir()
+        source = tiny_sd_path(args.model_cache).resolve()  # builds it once if the cache lacks it
+        os.symlink(source, model_dir / source.name)
+        make_dataset(work / "data", args.images, args.resolution)
+
+        device_info = choose_device(args.device, args.mixed_precision)
+        components = load_base_model("tiny-sd", cache_dir=model_dir)
+        start = time.perf_counter()
+        report = cache_latents(
+            components,
+            work / "data" / "train",
+            work / "latents",
+            args.resolution,
+            batch_size=8,
+            device=device_info.torch_device,
+            dtype=device_info.weight_dtype,
+        )
+        cache_seconds = time.perf_counter() - start
+        del components
+
+        rows = {}
+        for variant in ("cached", "uncached"):
+            cmd = [sys.executable, __file__, "--child", variant, "--work", str(work)]
+            for flag in (
+                "device",
+                "mixed_precision",
+                "resolution",
+                "batch",
+                "accum",
+                "warmup",
+                "steps",
+                "threads",
+            ):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            if args.gradient_checkpointing:
+                cmd.append("--gradient-checkpointing")
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
+            rows[variant] = json.loads(lines[-1][len("RESULT ") :])
+
+    images_per_step = args.batch * args.accum
+    mem_label = "peak GPU memory allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    base = statistics.mean(rows["cached"]["seconds"])
+    out = [
+        f"Tiny SD-shaped model, {args.resolution} px, batch {args.batch} × accumulation {args.accum}, "
+        f"LoRA r=8 ({rows['cached']['trainable_params']:,} trainable params), device {args.device}, "
+        f"mixed precision {args.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}; "
+        f"{args.steps} measured optimizer steps after {args.warmup} warm-up steps, each variant in a fresh process.",
+        "",
+        f"| latents | s / optimizer step | images / s | {mem_label} | step time vs cached |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant, row in rows.items():
+        mean = statistics.mean(row["seconds"])
+        sd = statistics.stdev(row["seconds"]) if len(row["seconds"]) > 1 else 0.0
+        out.append(
+            f"| {variant} | {mean:.3f} ± {sd:.3f} | {images_per_step / mean:.2f} | "
+            f"{row['peak_memory_mb']:.0f} | {mean / base:.2f}× |"
+        )
+    out += [
+        "",
+        f"One-off latent caching of {report.total} images: {cache_seconds:.2f} s "
+        f"({report.bytes_on_disk / 1e6:.2f} MB on disk).",
+        "",
+        f"Machine: {machine_description(args.device)}. Run {datetime.date.today().isoformat()}.",
+    ]
+    text = "\n".join(out)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Training checkpoints: atomic save, rotation, discovery and the resume-compatibility check.
+
+A checkpoint is a folder ``{output_dir}/checkpoints/checkpoint-N/`` (N = optimizer steps done)::
+
+    pytorch_lora_weights.safetensors  LoRA tensors only, diffusers format (keys ``unet.…lora.down/up…``),
+                                      with the peft LoraConfig (r, lora_alpha, …) as safetensors metadata
+    optimizer.bin                     AdamW state (accelerate)
+    scheduler.bin                     LR scheduler state (accelerate)
+    random_states_0.pkl               python / numpy / torch CPU / CUDA RNG + accelerate's micro-step counter
+    scaler.pt                         only with fp16 mixed precision (GradScaler)
+    custom_checkpoint_0.pkl           sampler position (epoch, micro-batch index within it)
+    custom_checkpoint_1.pkl           the run's own torch.Generator state (+ MPS RNG when present)
+    losses.csv                        the per-step log up to N (rewritten into the run folder on resume)
+    training_state.json               written last: global_step, epoch, position, hashes, base model, LoRA
+
+The UNet's frozen weights are never written (a save-state pre-hook removes them and writes the LoRA file
+instead) and the LoRA weights are loaded back by a load-state pre-hook: the reference trainer lost them on
+resume (diffusers issue #12689).
+
+Atomicity: everything is written into ``checkpoints/.tmp-checkpoint-N-<pid>/``, fsynced, and only then
+renamed to ``checkpoint-N``. A crash or kill during a save leaves the previous checkpoints untouched and
+never a half-written ``checkpoint-N``; leftovers are removed by :func:`clean_stale_tmp` at the next start. If
+``checkpoint-N`` already exists, the old one is renamed aside, the new one renamed in, and only then is the
+old one deleted, so there is never a moment without a complete ``checkpoint-N`` on disk (a crash between
+the two renames is repaired by :func:`clean_stale_tmp`, which puts the old one back).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+STATE_NAME = "training_state.json"
+LOSSES_NAME = "losses.csv"
+STATE_FORMAT = 1
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-checkpoint-(\d+)-\d+$")
+_OLD_RE = re.compile(r"^\.old-checkpoint-(\d+)-\d+$")
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: Path
+    state: dict[str, Any]  # the parsed training_state.json
+
+
+# ----------------------------------------------------------------------------------------------
+# discovery
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint counts only with its state file (written last) and its LoRA weights."""
+    return (path / STATE_NAME).is_file() and (path / LORA_WEIGHTS_NAME).is_file()
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def list_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints directly under ``root``, oldest first (by step number, not by name)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        if not is_complete(p):
+            logger.warning("ignoring incomplete checkpoint folder %s", p)
+            continue
+        state = read_state(p)
+        if state is None:
+            logger.warning("ignoring checkpoint %s: unreadable %s", p, STATE_NAME)
+            continue
+        found.append(CheckpointInfo(step=int(m.group(1)), path=p, state=state))
+    return sorted(found, key=lambda c: c.step)
+
+
+def newest_checkpoint(root: Path) -> CheckpointInfo | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def clean_stale_tmp(root: Path) -> list[str]:
+    """Remove what an interrupted save left behind; returns a line per action, for the training log."""
+    root = Path(root)
+    actions: list[str] = []
+    if not root.is_dir():
+        return actions
+    for p in sorted(root.iterdir()):
+        if _TMP_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            actions.append(f"removed unfinished checkpoint save {p.name}")
+        elif m := _OLD_RE.match(p.name):
+            final = root / checkpoint_name(int(m.group(1)))
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                actions.append(f"removed replaced checkpoint {p.name}")
+            else:
+                # Crash between "old aside" and "new in": the old one is the good one.
+                os.replace(p, final)
+                actions.append(f"restored {final.name} from {p.name}")
+    return actions
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA weights (diffusers format) and the accelerate hooks
+# ----------------------------------------------------------------------------------------------
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA tensors in diffusers naming (what ``save_lora_weights`` expects), no base weights."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def lora_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's peft LoraConfig as a dict (carries r and lora_alpha for loaders)."""
+    return unet.peft_config["default"].to_dict()
+
+
+def save_lora_weights(unet: torch.nn.Module, directory: Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` the diffusers way."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        str(directory),
+        unet_lora_layers=lora_state_dict(unet),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=lora_metadata(unet),
+    )
+    return Path(directory) / LORA_WEIGHTS_NAME
+
+
+def load_lora_weights_into(unet: torch.nn.Module, directory: Path) -> None:
+    """Copy the LoRA tensors of ``directory`` into the UNet's existing adapter (in place, dtype kept)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    raw = load_file(str(Path(directory) / LORA_WEIGHTS_NAME))
+    unet_sd = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_sd), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(
+            f"LoRA weights in {directory} do not fit the UNet adapter: unexpected keys {unexpected[:5]}"
+        )
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"LoRA weights in {directory} lack tensors for the adapter: {missing[:5]}")
+
+
+def register_lora_hooks(accelerator: Any, unet: torch.nn.Module) -> None:
+    """Make ``accelerator.save_state``/``load_state`` write and read only the LoRA weights of ``unet``."""
+
+    def is_ours(model: torch.nn.Module) -> bool:
+        return accelerator.unwrap_model(model) is unet
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i in reversed(range(len(models))):
+            if is_ours(models[i]):
+                save_lora_weights(unet, Path(output_dir))
+                # Popping the state dict stops accelerate from writing the full UNet (GBs of frozen weights).
+                weights.pop(i)
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i in reversed(range(len(models))):
+            if is_ours(models[i]):
+                models.pop(i)
+                load_lora_weights_into(unet, Path(input_dir))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic save and rotation
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and the folder itself, so a power cut after the rename cannot lose contents."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not supported everywhere; the data files are already synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(
+    accelerator: Any,
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Atomically write ``root/checkpoint-{step}``; returns its path.
+
+    ``accelerator.save_state`` writes LoRA (via the hooks), optimizer, scheduler, RNG and registered
+    objects; ``write_extra(folder)`` adds files (losses.csv); ``training_state.json`` is written last.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))
+        if write_extra is not None:
+            write_extra(tmp)
+        _write_json(
+            tmp / STATE_NAME, {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()}
+        )
+        _fsync_tree(tmp)
+    except BaseException:
+        # Exceptions and Ctrl-C: leave no partial folder. (A SIGKILL leaves tmp; clean_stale_tmp handles it.)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if final.exists():
+        old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def rotate_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (by step); returns the deleted folders."""
+    ckpts = list_checkpoints(root)
+    doomed = [c.path for c in ckpts[: max(0, len(ckpts) - keep)]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def load_checkpoint(accelerator: Any, ckpt: CheckpointInfo) -> None:
+    """Restore LoRA weights, optimizer, scheduler, RNG and registered objects from ``ckpt``."""
+    accelerator.load_state(str(ckpt.path))
+
+
+# ----------------------------------------------------------------------------------------------
+# resume compatibility
+# ----------------------------------------------------------------------------------------------
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 else text
+
+
+def config_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every setting that differs (keys present on either side)."""
+    if not isinstance(old, dict):
+        return []
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return diffs
+
+
+def compatibility_problems(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    explain: Callable[[dict[str, Any] | None], list[str]] | None = None,
+) -> list[str]:
+    """Why a checkpoint cannot be resumed under the current settings; empty when it can.
+
+    Compared: ``training_hash``, ``dataset_fingerprint`` and the base model's ``fingerprint``. When the hash
+    differs, the settings at fault are named by ``explain(saved training_config)`` (default: every
+    setting that differs).
+    """
+    problems = []
+    if saved.get("training_hash") != current["training_hash"]:
+        old_config = saved.get("training_config")
+        if explain is not None:
+            diffs = explain(old_config)
+        else:
+            diffs = config_differences(old_config, current["training_config"])
+        problems.append(
+            f"training_hash differs (checkpoint {_short(saved.get('training_hash'))} vs current "
+            f"{_short(current['training_hash'])})" + (": " + "; ".join(diffs) if diffs else "")
+        )
+    if saved.get("dataset_fingerprint") != current["dataset_fingerprint"]:
+        problems.append(
+            f"dataset_fingerprint differs (checkpoint {_short(saved.get('dataset_fingerprint'))} vs current "
+            f"{_short(current['dataset_fingerprint'])})"
+        )
+    saved_base = (saved.get("base_model") or {}).get("fingerprint")
+    current_base = current["base_model"].get("fingerprint")
+    if saved_base != current_base:
+        problems.append(
+            f"base model fingerprint differs (checkpoint {(saved.get('base_model') or {}).get('base_model')} "
+            f"{_short(saved_base)} vs current {current['base_model'].get('base_model')} {_short(current_base)})"
+        )
+    return problems
+
+
+def supersede_checkpoints(root: Path, old_training_hash: str | None, extra: list[Path] = ()) -> Path | None:
+    """Move every ``checkpoint-*`` (and ``extra`` paths, e.g. old losses.csv) into ``superseded-<hash>/``.
+
+    Used when settings changed: the old run is kept for the user rather than deleted.
+    """
+    root = Path(root)
+    movable = [p for p in root.iterdir() if _CKPT_RE.match(p.name)] if root.is_dir() else []
+    movable += [p for p in extra if p.exists()]
+    if not movable:
+        return None
+    base = f"superseded-{(old_training_hash or 'unknown')[:8]}"
+    target = root / base
+    n = 1
+    while target.exists():
+        n += 1
+        target = root / f"{base}-{n}"
+    target.mkdir(parents=True)
+    for p in movable:
+        os.replace(p, target / p.name)
+    _fsync_dir(root)
+    return target

@@ -1,0 +1,452 @@
+"""Core of the ``training_latents`` stage: encode every training image and caption once.
+
+What is stored, and why
+-----------------------
+For each (image, caption) of ``{dataset}/train`` we store three float32 tensors:
+
+* ``mean`` and ``std`` of the VAE's ``latent_dist`` (a diagonal Gaussian), **unscaled** — exactly what
+  ``vae.encode(pixels).latent_dist`` returns;
+* ``text``: the CLIP text embedding ``text_encoder(input_ids)[0]`` (padding to the tokenizer's
+  ``model_max_length``, truncated), shape ``[77, D]``.
+
+Training then draws ``latents = scaling_factor * (mean + std * eps)`` with ``eps`` from the training run's own
+seeded generator (see ``training.sample_latents``). That keeps the VAE *sampling* the reference trainer does
+(it calls ``latent_dist.sample()`` every step, a mild augmentation) instead of freezing one sample into the
+cache, and it makes cached and uncached training draw the very same numbers: the uncached path encodes on
+the fly, takes the same mean/std and samples with the same generator. The scaling factor
+(``vae.config.scaling_factor``) is recorded in ``index.json`` and applied at sampling time.
+
+Layout of ``cache_dir``
+-----------------------
+``shard-00000.safetensors`` … (at most :data:`SHARD_SIZE` items each; tensors named ``<key>/mean``,
+``<key>/std``, ``<key>/text``) and ``index.json``::
+
+    {"version": 1, "resolution": 512, "scaling_factor": 0.18215, "base_model": {...identity...},
+     "latent_shape": [4, 64, 64], "embedding_shape": [77, 768],
+     "items": {"<key>": {"shard": "shard-00000.safetensors", "image_file": "10001.png",
+                         "caption": "...", "image_sha256": "..."}}}
+
+The item key is sha256 of (base model fingerprint, image file sha256, caption, resolution), so a re-run
+with nothing changed computes nothing, a new or edited image or caption computes exactly that item, and a
+new base model or resolution recomputes everything. Shards are immutable: new items go into new shards;
+items no longer in the train set leave the index, and a shard with no live item left is deleted. Every file
+is written to a temporary name, fsynced and ``os.replace``-d, and the index is written after the shards it
+names, so a crash leaves either the old or the new index, never one that points at missing data (orphan
+shards from a crash are deleted by the next run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from shoe_lora_pipeline.core.captions import read_captions_json
+from shoe_lora_pipeline.core.manifest import file_sha256
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+SHARD_SIZE = 256
+SHARD_PREFIX = "shard-"
+SHARD_SUFFIX = ".safetensors"
+
+
+class LatentCacheError(RuntimeError):
+    """The latent cache is missing, stale or unreadable; the message says what to re-materialise."""
+
+
+@dataclass
+class LatentCacheReport:
+    """What :func:`cache_latents` did."""
+
+    cache_dir: Path
+    index_path: Path
+    total: int  # items of the current train set
+    computed: int  # encoded in this call
+    reused: int  # found in the cache
+    removed: int  # dropped from the index (no longer in the train set)
+    shards: list[str]  # shards the index uses now
+    shards_deleted: list[str]
+    seconds: float
+    latent_shape: list[int]
+    embedding_shape: list[int]
+    scaling_factor: float
+    bytes_on_disk: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LatentDataset:
+    """The cached items of the current train set, in captions.json order, held in memory (float32, CPU)."""
+
+    image_files: list[str]
+    captions: list[str]
+    mean: torch.Tensor  # [N, 4, h, w], unscaled
+    std: torch.Tensor  # [N, 4, h, w], unscaled
+    text_embeddings: torch.Tensor  # [N, 77, D]
+    scaling_factor: float
+
+    def __len__(self) -> int:
+        return len(self.image_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# encoding helpers (also used by the uncached training path, so both paths run the same code)
+# ----------------------------------------------------------------------------------------------
+
+
+def latent_item_key(base_fingerprint: str, image_sha256: str, caption: str, resolution: int) -> str:
+    """Cache key of one training item: anything that changes its latents or embedding changes the key."""
+    payload = json.dumps([base_fingerprint, image_sha256, caption, int(resolution)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def load_image_tensor(path: Path, resolution: int) -> torch.Tensor:
+    """An RGB image as a float32 tensor [3, R, R] in [-1, 1] (the VAE's input range).
+
+    Upstream images are already R×R; anything else is resized (shorter side to R, bilinear) and
+    centre-cropped like the reference trainer's transform, so a stray file cannot crash encoding.
+    """
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (resolution, resolution):
+            w, h = img.size
+            scale = resolution / min(w, h)
+            img = img.resize(
+                (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR
+            )
+            left = (img.width - resolution) // 2
+            top = (img.height - resolution) // 2
+            img = img.crop((left, top, left + resolution, top + resolution))
+        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def move_module(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``, passing the dtype only when it changes (diffusers warns on every cast)."""
+    if next(module.parameters()).dtype == dtype:
+        module.to(device)
+    else:
+        module.to(device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_images(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of ``vae.encode(pixels).latent_dist``, float32, unscaled, on the VAE's device."""
+    param = next(vae.parameters())
+    dist = vae.encode(pixels.to(param.device, dtype=param.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+@torch.no_grad()
+def encode_captions(tokenizer: Any, text_encoder: Any, captions: list[str]) -> torch.Tensor:
+    """CLIP text embeddings ``text_encoder(input_ids)[0]`` [B, 77, D], float32, on the encoder's device."""
+    ids = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device), return_dict=False)[0].float()
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic file helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform (e.g. Windows), hence best effort.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_index(cache_dir: Path) -> dict[str, Any] | None:
+    path = cache_dir / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LatentCacheError(f"{path} is not valid JSON ({exc}); delete {cache_dir} and re-run") from exc
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or "items" not in index:
+        raise LatentCacheError(f"{path} has an unknown format; delete {cache_dir} and re-run")
+    return index
+
+
+def _train_items(train_dir: Path) -> list[dict[str, Any]]:
+    """captions.json entries with the image path and its sha256."""
+    entries = read_captions_json(train_dir / "captions.json")
+    items = []
+    for e in entries:
+        path = train_dir / "images" / e["image_file"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{train_dir / 'captions.json'} lists {e['image_file']!r} but {path} is missing"
+            )
+        items.append(
+            {
+                "image_file": e["image_file"],
+                "caption": e["caption"],
+                "path": path,
+                "sha256": file_sha256(path),
+            }
+        )
+    return items
+
+
+def _shard_number(name: str) -> int | None:
+    if name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX):
+        core = name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]
+        if core.isdigit():
+            return int(core)
+    return None
+
+
+def cache_latents(
+    components: Any,
+    train_dir: Path,
+    cache_dir: Path,
+    resolution: int,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> LatentCacheReport:
+    """Encode the train set's images (VAE mean/std) and captions (CLIP) into ``cache_dir``; incremental.
+
+    ``components`` is an :class:`~shoe_lora_pipeline.core.models.SDComponents`. The VAE and text encoder
+    are moved to ``device``/``dtype`` only while encoding and put back where they were afterwards.
+    """
+    start = time.perf_counter()
+    train_dir, cache_dir = Path(train_dir), Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = components.identity["fingerprint"]
+    scaling_factor = float(components.vae.config.scaling_factor)
+
+    items = _train_items(train_dir)
+    for it in items:
+        it["key"] = latent_item_key(fingerprint, it["sha256"], it["caption"], resolution)
+
+    old = _read_index(cache_dir) or {"items": {}}
+    old_items: dict[str, dict[str, Any]] = old["items"]
+    # A present index entry counts only if its shard still exists (a hand-deleted shard is recomputed).
+    live_shards = {p.name for p in cache_dir.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}")}
+    wanted = {it["key"] for it in items}
+    todo = [
+        it for it in items if not (it["key"] in old_items and old_items[it["key"]]["shard"] in live_shards)
+    ]
+    # The same (image, caption) listed twice is encoded once.
+    todo = list({it["key"]: it for it in todo}.values())
+
+    new_entries: dict[str, dict[str, Any]] = {}
+    latent_shape = old.get("latent_shape")
+    embedding_shape = old.get("embedding_shape")
+    if todo:
+        used_numbers = [n for n in (_shard_number(s) for s in live_shards) if n is not None]
+        next_shard = max(used_numbers, default=-1) + 1
+        vae, text_encoder = components.vae, components.text_encoder
+        # Remember (device, dtype) as values: module.to() changes parameters in place.
+        homes = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in (vae, text_encoder)]
+        for module, _, _ in homes:
+            move_module(module, device, dtype)
+        try:
+            for shard_start in range(0, len(todo), SHARD_SIZE):
+                shard_items = todo[shard_start : shard_start + SHARD_SIZE]
+                shard_name = f"{SHARD_PREFIX}{next_shard:05d}{SHARD_SUFFIX}"
+                next_shard += 1
+                tensors: dict[str, torch.Tensor] = {}
+                for b in range(0, len(shard_items), batch_size):
+                    batch = shard_items[b : b + batch_size]
+                    pixels = torch.stack([load_image_tensor(it["path"], resolution) for it in batch])
+                    mean, std = encode_images(vae, pixels)
+                    text = encode_captions(
+                        components.tokenizer, text_encoder, [it["caption"] for it in batch]
+                    )
+                    for i, it in enumerate(batch):
+                        tensors[f"{it['key']}/mean"] = mean[i].cpu()
+                        tensors[f"{it['key']}/std"] = std[i].cpu()
+                        tensors[f"{it['key']}/text"] = text[i].cpu()
+                    latent_shape, embedding_shape = list(mean.shape[1:]), list(text.shape[1:])
+                _atomic_save_safetensors(
+                    tensors, cache_dir / shard_name, {"format": "pt", "version": str(INDEX_VERSION)}
+                )
+                for it in shard_items:
+                    new_entries[it["key"]] = {
+                        "shard": shard_name,
+                        "image_file": it["image_file"],
+                        "caption": it["caption"],
+                        "image_sha256": it["sha256"],
+                    }
+        finally:
+            for module, home_device, home_dtype in homes:
+                move_module(module, home_device, home_dtype)
+
+    kept = {
+        k: v
+        for k, v in old_items.items()
+        if k in wanted and k not in new_entries and v["shard"] in live_shards
+    }
+    index_items = {**kept, **new_entries}
+    removed = len([k for k in old_items if k not in wanted])
+    index = {
+        "version": INDEX_VERSION,
+        "resolution": int(resolution),
+        "scaling_factor": scaling_factor,
+        "base_model": components.identity,
+        "latent_shape": latent_shape,
+        "embedding_shape": embedding_shape,
+        "items": dict(sorted(index_items.items())),
+    }
+    index_path = cache_dir / INDEX_NAME
+    _atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=False) + "\n")
+    _fsync_dir(cache_dir)
+
+    # Only after the new index is durable: drop shards nothing points at (dead items, crash leftovers).
+    used = {v["shard"] for v in index_items.values()}
+    deleted = []
+    for p in sorted(cache_dir.iterdir()):
+        if (_shard_number(p.name) is not None and p.name not in used) or (
+            p.name.startswith(".") and p.name.endswith(".tmp")
+        ):
+            p.unlink()
+            if not p.name.startswith("."):
+                deleted.append(p.name)
+
+    size = sum((cache_dir / s).stat().st_size for s in used) + index_path.stat().st_size
+    return LatentCacheReport(
+        cache_dir=cache_dir,
+        index_path=index_path,
+        total=len(items),
+        computed=len(todo),
+        reused=len(items) - len([it for it in items if it["key"] in new_entries]),
+        removed=removed,
+        shards=sorted(used),
+        shards_deleted=deleted,
+        seconds=time.perf_counter() - start,
+        latent_shape=list(latent_shape or []),
+        embedding_shape=list(embedding_shape or []),
+        scaling_factor=scaling_factor,
+        bytes_on_disk=size,
+    )
+
+
+def load_latent_dataset(
+    cache_dir: Path,
+    train_dir: Path,
+    *,
+    base_fingerprint: str | None = None,
+    resolution: int | None = None,
+) -> LatentDataset:
+    """Load the cached items of the current train set (captions.json order) into memory.
+
+    ``base_fingerprint``/``resolution`` default to the ones the cache was built with; the training loop
+    passes its own so a cache built for another base model or resolution is refused, not used.
+    """
+    cache_dir, train_dir = Path(cache_dir), Path(train_dir)
+    rerun = "re-materialise the training_latents asset (or set training.cache_latents: false)"
+    index = _read_index(cache_dir)
+    if index is None:
+        raise LatentCacheError(f"no latent cache at {cache_dir} ({INDEX_NAME} missing): {rerun}")
+    fingerprint = base_fingerprint or index["base_model"]["fingerprint"]
+    res = int(resolution or index["resolution"])
+    items = _train_items(train_dir)
+
+    by_shard: dict[str, list[tuple[int, str]]] = {}
+    for pos, it in enumerate(items):
+        key = latent_item_key(fingerprint, it["sha256"], it["caption"], res)
+        entry = index["items"].get(key)
+        if entry is None:
+            why = []
+            if fingerprint != index["base_model"].get("fingerprint"):
+                why.append("the cache was built for another base model")
+            if res != index.get("resolution"):
+                why.append(
+                    f"the cache was built at resolution {index.get('resolution')}, training uses {res}"
+                )
+            raise LatentCacheError(
+                f"image {it['image_file']!r} (caption {it['caption'][:60]!r}) has no cached latents in "
+                f"{cache_dir}{' (' + '; '.join(why) + ')' if why else ''}: {rerun}"
+            )
+        by_shard.setdefault(entry["shard"], []).append((pos, key))
+
+    n = len(items)
+    mean = std = text = None
+    for shard, wanted in by_shard.items():
+        path = cache_dir / shard
+        if not path.is_file():
+            raise LatentCacheError(f"latent shard {path} is missing: {rerun}")
+        with safe_open(str(path), framework="pt") as f:
+            for pos, key in wanted:
+                m, s, t = f.get_tensor(f"{key}/mean"), f.get_tensor(f"{key}/std"), f.get_tensor(f"{key}/text")
+                if mean is None:
+                    mean = torch.empty((n, *m.shape), dtype=torch.float32)
+                    std = torch.empty((n, *s.shape), dtype=torch.float32)
+                    text = torch.empty((n, *t.shape), dtype=torch.float32)
+                mean[pos], std[pos], text[pos] = m, s, t
+    if mean is None or std is None or text is None:
+        raise LatentCacheError(f"the train set in {train_dir} is empty; nothing to train on")
+    return LatentDataset(
+        image_files=[it["image_file"] for it in items],
+        captions=[it["caption"] for it in items],
+        mean=mean,
+        std=std,
+        text_embeddings=text,
+        scaling_factor=float(index["scaling_factor"]),
+    )

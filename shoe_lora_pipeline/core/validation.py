@@ -1,0 +1,222 @@
+"""Validation images during training: fixed prompts × fixed seeds, one PNG each plus a grid per step.
+
+Design choices:
+
+* The pipeline is built around the *training* UNet (adapter attached), the VAE, text encoder and tokenizer:
+  no second UNet copy. The UNet is switched to ``eval()`` under ``torch.no_grad()`` and back to ``train()``.
+* Prompt embeddings are computed once before training (:func:`encode_validation_prompts`), so with cached
+  latents the text encoder is used once and otherwise stays on the CPU. The VAE (decoder) is moved to the
+  training device only for the duration of a validation and moved back afterwards.
+* Each (prompt, image) has its own seed derived from the training seed (:func:`validation_seed`) and its own
+  CPU ``torch.Generator``: the same cell shows the same starting noise at every validation step (grids are
+  comparable across steps and devices), and the training RNG is never touched. The global torch RNG state
+  is saved and restored around generation as well, so validation cannot shift training (resume stays
+  bit-identical whether or not validation ran).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from shoe_lora_pipeline.core.latents import encode_captions
+
+MAX_GRID_CELL = 256  # px; keeps a 4×4 grid of 512px images around 1 MB
+
+
+@dataclass
+class ValidationPrompts:
+    prompts: list[str]
+    embeddings: torch.Tensor  # [P, 77, D], CPU
+    negative: torch.Tensor  # [1, 77, D], CPU: the empty prompt, for classifier-free guidance
+
+
+@dataclass
+class ValidationResult:
+    step: int
+    epoch: int
+    grid_path: Path
+    image_paths: list[Path]
+    seconds: float
+
+    def as_callback_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "grid_path": self.grid_path,
+            "image_paths": list(self.image_paths),
+            "seconds": self.seconds,
+        }
+
+
+def validation_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """Seed of one validation cell: stable across steps and runs, unrelated to the training streams."""
+    digest = hashlib.sha256(f"validation/{seed}/{prompt_index}/{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """Temporarily move a frozen module to ``device``; back where it was afterwards."""
+    home = next(module.parameters()).device
+    if home == device or (home.type == device.type and device.index is None):
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Save and restore the global torch RNG (CPU and the accelerator's) around a block."""
+    cuda = [torch.cuda.current_device()] if device.type == "cuda" else []
+    mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+    with torch.random.fork_rng(devices=cuda):
+        yield
+    if mps_state is not None:
+        torch.mps.set_rng_state(mps_state)
+
+
+def encode_validation_prompts(components: Any, prompts: list[str], device: torch.device) -> ValidationPrompts:
+    """CLIP embeddings of the prompts and of "" (the unconditional input), computed once."""
+    with on_device(components.text_encoder, device):
+        emb = encode_captions(components.tokenizer, components.text_encoder, list(prompts) + [""]).cpu()
+    return ValidationPrompts(prompts=list(prompts), embeddings=emb[:-1], negative=emb[-1:])
+
+
+def _label_font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no size argument
+        return ImageFont.load_default()
+
+
+def short_labels(prompts: list[str]) -> list[str]:
+    """The words that tell the prompts apart (shared leading/trailing words replaced by "…")."""
+    words = [p.split() for p in prompts]
+    if len(words) < 2:
+        return list(prompts)
+    head = 0
+    while all(len(w) > head for w in words) and len({w[head] for w in words}) == 1:
+        head += 1
+    tail = 0
+    while all(len(w) > head + tail for w in words) and len({w[-1 - tail] for w in words}) == 1:
+        tail += 1
+    labels = []
+    for w in words:
+        middle = " ".join(w[head : len(w) - tail]) or " ".join(w)
+        labels.append(("… " if head else "") + middle + (" …" if tail else ""))
+    return labels
+
+
+def make_grid(rows: list[list[Image.Image]], labels: list[str], title: str) -> Image.Image:
+    """Rows = prompts, columns = images; a title bar and a one-line label above each row."""
+    cell = min(MAX_GRID_CELL, max(img.width for row in rows for img in row))
+    cols = max(len(r) for r in rows)
+    label_h, title_h, pad = 16, 20, 2
+    width = cols * (cell + pad) + pad
+    height = title_h + len(rows) * (label_h + cell + pad) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    font = _label_font()
+    draw.text((pad + 2, 3), title, fill="black", font=font)
+    max_chars = max(8, width // 7)
+    y = title_h
+    for r, row in enumerate(rows):
+        text = labels[r] if r < len(labels) else ""
+        if len(text) > max_chars:
+            text = text[: max_chars - 1] + "…"
+        draw.text((pad + 2, y + 2), text, fill=(60, 60, 60), font=font)
+        y += label_h
+        for c, img in enumerate(row):
+            grid.paste(img.resize((cell, cell), Image.BICUBIC), (pad + c * (cell + pad), y))
+        y += cell + pad
+    return grid
+
+
+def run_validation(
+    unet: torch.nn.Module,
+    components: Any,
+    prompts: ValidationPrompts,
+    *,
+    out_dir: Path,
+    step: int,
+    epoch: int,
+    seed: int,
+    num_images: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    device: torch.device,
+) -> ValidationResult:
+    """Generate ``len(prompts) × num_images`` images with the training UNet and write them plus a grid.
+
+    Files: ``validation/epoch{E:03d}_step{S:05d}_prompt{P}_img{I}.png`` and ``validation/grid_step{S:05d}.png``.
+    """
+    import time
+
+    from diffusers import StableDiffusionPipeline
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = next(components.text_encoder.parameters()).dtype  # the pipeline casts embeddings to this
+    was_training = unet.training
+    rows: list[list[Image.Image]] = []
+    paths: list[Path] = []
+    try:
+        unet.eval()
+        # Same autocast as training under mixed precision: accelerate's wrapper returns the UNet output in
+        # fp32, which the half-precision VAE decoder would otherwise refuse.
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
+        with preserved_rng(device), torch.no_grad(), on_device(components.vae, device), autocast:
+            pipe = StableDiffusionPipeline(
+                vae=components.vae,
+                text_encoder=components.text_encoder,
+                tokenizer=components.tokenizer,
+                unet=unet,
+                # A fresh copy: multistep schedulers (PNDM) keep state between calls.
+                scheduler=type(components.scheduler).from_config(components.scheduler.config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            for p in range(len(prompts.prompts)):
+                generators = [
+                    torch.Generator("cpu").manual_seed(validation_seed(seed, p, i)) for i in range(num_images)
+                ]
+                images = pipe(
+                    prompt_embeds=prompts.embeddings[p : p + 1].to(device, dtype),
+                    negative_prompt_embeds=prompts.negative.to(device, dtype),
+                    num_images_per_prompt=num_images,
+                    generator=generators,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                ).images
+                rows.append(images)
+                for i, img in enumerate(images):
+                    path = out_dir / f"epoch{epoch:03d}_step{step:05d}_prompt{p}_img{i}.png"
+                    img.save(path)
+                    paths.append(path)
+    finally:
+        unet.train(was_training)
+
+    labels = [f"P{p}: {text}" for p, text in enumerate(short_labels(prompts.prompts))]
+    grid_path = out_dir / f"grid_step{step:05d}.png"
+    make_grid(rows, labels, title=f"step {step} (epoch {epoch})").save(grid_path)
+    return ValidationResult(
+        step=step, epoch=epoch, grid_path=grid_path, image_paths=paths, seconds=time.perf_counter() - start
+    )

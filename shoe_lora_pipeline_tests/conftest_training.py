@@ -1,0 +1,196 @@
+"""Shared fixtures and helpers of the training-stage tests (latents, loop, checkpoints, resume).
+
+Loaded by the test modules with ``pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]``; the
+repository's conftest.py is not involved. Everything runs on the CPU with the tiny SD-shaped model at
+128 px (16×16 latents), so a training step takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
+from shoe_lora_pipeline.core.latents import cache_latents
+from shoe_lora_pipeline.core.models import SDComponents, load_base_model
+from shoe_lora_pipeline.core.training import TrainingResult, dataset_fingerprint, read_losses_csv, train_lora
+
+RESOLUTION = 128
+NUM_IMAGES = 6
+COLOURS = ["black", "brown", "white", "blue", "red", "grey", "green", "beige"]
+
+
+def draw_shoe(index: int, resolution: int = RESOLUTION) -> Image.Image:
+    """A different blob per index on white, enough for the VAE to give distinct latents."""
+    img = Image.new("RGB", (resolution, resolution), "white")
+    d = ImageDraw.Draw(img)
+    s = resolution / 128
+    d.ellipse(
+        (10 * s + index * 4, 50 * s, 110 * s, 90 * s + index), fill=(37 * index % 256, 90, 200 - 20 * index)
+    )
+    d.rectangle((20 * s, 85 * s, 100 * s, 95 * s), fill=(20 + 10 * index, 20, 20))
+    return img
+
+
+def make_train_set(root: Path, n: int = NUM_IMAGES, resolution: int = RESOLUTION) -> Path:
+    """``root/train/images/*.png`` + ``root/train/captions.json`` in the data stage's layout."""
+    train = Path(root) / "train"
+    (train / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        add_image(train, i, resolution, entries)
+    (train / "captions.json").write_text(json.dumps(entries, indent=2))
+    return train
+
+
+def add_image(train: Path, i: int, resolution: int, entries: list[dict[str, Any]] | None = None) -> str:
+    name = f"{10001 + i}.png"
+    draw_shoe(i, resolution).save(train / "images" / name)
+    entry = {
+        "image_file": name,
+        "caption": f"A professional product photo of {COLOURS[i % len(COLOURS)]} casual shoes on white "
+        "background, side view, product photography",
+        "metadata": {"original_size": [resolution, resolution], "processed": True, "source_sha256": "0" * 64},
+    }
+    if entries is None:
+        entries = json.loads((train / "captions.json").read_text())
+        entries.append(entry)
+        (train / "captions.json").write_text(json.dumps(entries, indent=2))
+    else:
+        entries.append(entry)
+    return name
+
+
+def make_cfg(root: Path, **training: Any) -> PipelineConfig:
+    """Small, fast settings; ``training`` overrides any TrainingConfig field."""
+    base: dict[str, Any] = {
+        "output_dir": Path(root) / "lora",
+        "train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 2,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "gradient_checkpointing": False,
+        "checkpointing_steps": 2,
+        "validation_steps": 1000,  # only the final validation unless a test asks
+        "num_validation_images": 1,
+        "validation_inference_steps": 2,
+        "validation_prompts": ["A professional product photo of black casual shoes on white background"],
+        "latent_encoding_batch_size": 4,
+        "log_every_steps": 1,
+        "seed": 42,
+    }
+    base.update(training)
+    return PipelineConfig(
+        dataset={"raw_dir": Path(root), "output_dir": Path(root), "resolution": RESOLUTION},
+        training=base,
+    )
+
+
+def lora_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(checkpoint_dir) / "pytorch_lora_weights.safetensors"))
+
+
+def cpu() -> DeviceInfo:
+    return choose_device("cpu", "no")
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread, restoring the previous setting afterwards.
+
+    The tiny model's ops are too small to gain from a second thread, and on a shared 2-core machine two
+    busy processes with 2 OpenMP threads each slowed a step ~10x (spinning threads). Every run that a test
+    compares bit for bit goes through here, so all of them use the same thread count.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("model-cache")
+    with one_torch_thread():
+        load_base_model("tiny-sd", cache_dir=cache)  # builds the tiny model once (~5 s)
+    return cache
+
+
+@pytest.fixture
+def load_components(model_cache: Path) -> Iterator[Any]:
+    """Factory of freshly loaded components (train_lora takes over the UNet); torch on one thread."""
+
+    def load() -> SDComponents:
+        return load_base_model("tiny-sd", cache_dir=model_cache)
+
+    with one_torch_thread():
+        yield load
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, Any]:
+    """A shared 6-image train set with its latent cache (tests must not modify it)."""
+    root = tmp_path_factory.mktemp("dataset")
+    train = make_train_set(root)
+    latents = root / "latents"
+    with one_torch_thread():
+        cache_latents(load_base_model("tiny-sd", cache_dir=model_cache), train, latents, RESOLUTION, 4, "cpu")
+    return {"root": root, "train": train, "latents": latents, "fingerprint": dataset_fingerprint(train)}
+
+
+def run_training(
+    cfg: PipelineConfig, components: SDComponents, data: dict[str, Any], **kwargs: Any
+) -> TrainingResult:
+    return train_lora(
+        cfg,
+        components,
+        kwargs.pop("device_info", cpu()),
+        train_dir=data["train"],
+        latents_dir=data["latents"],
+        output_dir=cfg.training.output_dir,
+        dataset_fingerprint=data["fingerprint"],
+        **kwargs,
+    )
+
+
+RESUME_SETTINGS = {
+    "max_train_steps": 8,
+    "checkpointing_steps": 2,
+    "checkpoints_total_limit": 10,
+    "lr_warmup_steps": 3,
+}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, dataset: dict[str, Any]):
+    """8 optimizer steps in one go (checkpoint every 2): the reference for every resume test."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cfg = make_cfg(root, **RESUME_SETTINGS)
+    with one_torch_thread():
+        result = run_training(cfg, load_base_model("tiny-sd", cache_dir=model_cache), dataset)
+    return {
+        "cfg": cfg,
+        "result": result,
+        "lora": lora_tensors(result.checkpoint_dir),
+        "losses": read_losses_csv(result.output_dir / "losses.csv"),
+    }
+
+
+def assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} LoRA tensors differ, e.g. {differing[:3]}"
