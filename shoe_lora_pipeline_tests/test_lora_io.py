@@ -18,7 +18,7 @@ import torch
 
 from shoe_lora_pipeline.core import lora_io
 from shoe_lora_pipeline.core.model_card import LICENSE_LINE, read_front_matter
-from shoe_lora_pipeline.core.models import lora_config, tiny_sd_path
+from shoe_lora_pipeline.core.models import TINY_SD_VERSION, lora_config, tiny_sd_path
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 DATASET = "casual_shoes"
@@ -128,7 +128,7 @@ def test_load_checkpoint_lora_gives_peft_keys_and_declared_alpha(tmp_path: Path,
     sd, meta = lora_io.load_checkpoint_lora(ckpt)
     assert meta["rank"] == 4 and meta["alpha"] == 16.0 and meta["global_step"] == 20
     assert meta["target_modules"] == sorted(TARGETS)
-    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
     assert key in sd
     trained = dict(unet.named_parameters())
     torch.testing.assert_close(sd[key], trained[key.replace(".weight", ".default.weight")], rtol=0, atol=0)
@@ -217,10 +217,10 @@ def test_kohya_keys_shapes_and_alpha(export: lora_io.ExportResult) -> None:
         r"^lora_unet_[a-z0-9_]+_(to_q|to_k|to_v|to_out_0)\.(lora_down\.weight|lora_up\.weight|alpha)$"
     )
     assert all(pattern.match(k) for k in sd), [k for k in sd if not pattern.match(k)][:3]
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     assert f"{name}.lora_down.weight" in sd
     down, up, alpha = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], sd[f"{name}.alpha"]
-    assert down.shape == (8, 32) and up.shape == (32, 8)  # [r, in] / [out, r]; tiny block 0 is 32 wide
+    assert down.shape == (8, 64) and up.shape == (64, 8)  # [r, in] / [out, r]; tiny block 1 is 64 wide
     # The trained alpha, not the rank that convert_state_dict_to_kohya writes.
     assert alpha.ndim == 0 and alpha.dtype == torch.float32 and alpha.item() == 16.0
     modules = {k.split(".")[0] for k in sd}
@@ -272,7 +272,7 @@ def test_provenance_is_the_same_in_every_file(export: lora_io.ExportResult) -> N
     records = [lora_io.read_provenance(p) for p in paths]
     first = records[0]["provenance"]
     assert first["dagster_run_id"] == "run-abc" and first["checkpoint_step"] == 20
-    assert first["base_model"] == "tiny-sd" and first["base_model_revision"] == "tiny-sd-v1"
+    assert first["base_model"] == "tiny-sd" and first["base_model_revision"] == f"tiny-sd-v{TINY_SD_VERSION}"
     for r in records:
         assert r["provenance"] == first, r["path"]
         assert (r["lora"]["rank"], float(r["lora"]["alpha"]), r["lora"]["scale"]) == (8, 16.0, 2.0), r["path"]

@@ -1,0 +1,50 @@
+"""final_pipeline: the base model with the LoRA fused in, saved as a standalone diffusers pipeline."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+from pathlib import Path
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets._metadata import config_metadata
+from shoe_lora_pipeline.assets.lora_weights import lora_weights
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
+from shoe_lora_pipeline.core.models import resolve_base_model
+from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
+
+
+@dg.asset(
+    group_name="export",
+    code_version="1",
+    deps=[lora_weights],
+    kinds={"diffusers"},
+    description="StableDiffusionPipeline with the LoRA fused (save_pretrained, safetensors): loads with "
+    "StableDiffusionPipeline.from_pretrained(path) and needs no LoRA at inference. ~2–4 GB on SD1.5, so it "
+    "is written once per LoRA version.",
+)
+def final_pipeline(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
+) -> dg.MaterializeResult:
+    cfg = pipeline_config.get()
+    layout = Layout.of(cfg)
+    base_dir = resolve_base_model(
+        cfg.training.base_model, cfg.training.revision, Path(base_model.cache_dir) if base_model.cache_dir else None
+    )
+    lora_prov = read_provenance(layout.lora_weights_dir)
+    out = fuse_lora_pipeline(
+        base_dir,
+        layout.lora_weights_dir,
+        layout.final_pipeline_dir,
+        lora_scale=cfg.export.fuse_lora_scale,
+        provenance=lora_prov.get("provenance"),
+    )
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return dg.MaterializeResult(
+        metadata={
+            **config_metadata(cfg),
+            "final_pipeline_dir": dg.MetadataValue.path(str(out)),
+            "size_mb": round(size / 1e6, 1),
+            "lora_scale": cfg.export.fuse_lora_scale,
+            "base_model": cfg.training.base_model,
+        },
+    )

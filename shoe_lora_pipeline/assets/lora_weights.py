@@ -1,0 +1,88 @@
+"""lora_weights: the trained LoRA in PEFT, diffusers and kohya/A1111 formats, with provenance and a card."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+from pathlib import Path
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
+from shoe_lora_pipeline.assets.lora_training import lora_training
+from shoe_lora_pipeline.core.captions import read_captions_json
+from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpoint
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.core.lora_io import LoraExportError, TrainingFacts, export_lora
+from shoe_lora_pipeline.core.manifest import manifest_hash
+from shoe_lora_pipeline.core.models import resolve_base_model
+from shoe_lora_pipeline.core.provenance import collect_provenance
+from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
+
+
+def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
+    """The final checkpoint, or export.checkpoint_step when set (manual early stopping)."""
+    wanted = cfg.export.checkpoint_step
+    if wanted is None:
+        ckpt = newest_checkpoint(layout.checkpoints_dir)
+        if ckpt is None:
+            raise LoraExportError(f"no complete checkpoint in {layout.checkpoints_dir}: materialize lora_training")
+        return ckpt
+    for ckpt in list_checkpoints(layout.checkpoints_dir):
+        if ckpt.step == wanted:
+            return ckpt
+    have = ", ".join(str(c.step) for c in list_checkpoints(layout.checkpoints_dir)) or "none"
+    raise LoraExportError(f"export.checkpoint_step = {wanted}: no such checkpoint (kept steps: {have})")
+
+
+@dg.asset(
+    group_name="export",
+    code_version="1",
+    deps=[lora_training],
+    kinds={"safetensors"},
+    description="adapter_config.json + adapter_model.safetensors (PEFT), pytorch_lora_weights.safetensors "
+    "(diffusers, alpha honoured), <dataset>_lora.safetensors (kohya: A1111/ComfyUI/Civitai) and a model card; "
+    "every file carries the provenance shown by `shoe-lora audit`.",
+)
+def lora_weights(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
+) -> dg.MaterializeResult:
+    import pandas as pd
+
+    cfg = pipeline_config.get()
+    layout = Layout.of(cfg)
+    ckpt = selected_checkpoint(cfg, layout)
+    context.log.info(f"exporting {ckpt.path.name}")
+
+    train_captions = [e["caption"] for e in read_captions_json(layout.split_dir("train") / "captions.json")]
+    provenance = collect_provenance(
+        dagster_run_id=context.run.run_id,
+        config=cfg,
+        training_state=ckpt.state,
+        dataset_manifest_hash=manifest_hash(pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})),
+    )
+    cache_dir = Path(base_model.cache_dir) if base_model.cache_dir else None
+    result = export_lora(
+        ckpt.path,
+        layout.lora_weights_dir,
+        dataset_name=cfg.dataset.name,
+        provenance=provenance,
+        training=TrainingFacts.from_config(cfg, captions=train_captions, num_train_images=len(train_captions)),
+        base_model_dir=resolve_base_model(cfg.training.base_model, cfg.training.revision, cache_dir),
+        training_output_dir=layout.training_dir,
+    )
+    for warning in result.warnings:
+        context.log.warning(warning)
+
+    files = [{"file": name, "sha256": digest[:16]} for name, digest in sorted(result.file_sha256.items())]
+    return dg.MaterializeResult(
+        metadata={
+            **config_metadata(cfg),
+            "checkpoint": ckpt.path.name,
+            "step": result.step,
+            "rank": result.rank,
+            "alpha": result.alpha,
+            "lora_weights_dir": dg.MetadataValue.path(str(result.out_dir)),
+            "kohya_file": dg.MetadataValue.path(str(result.kohya_weights)),
+            "model_card": dg.MetadataValue.path(str(result.model_card)),
+            "files": dg.MetadataValue.md(md_table(files, ["file", "sha256"])),
+            "provenance": dg.MetadataValue.json(result.provenance),
+        },
+    )

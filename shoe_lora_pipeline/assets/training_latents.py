@@ -1,0 +1,66 @@
+"""training_latents: VAE latents and CLIP text embeddings of the train split, encoded once and cached."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets._metadata import config_metadata
+from shoe_lora_pipeline.assets.dataset_splits import dataset_splits
+from shoe_lora_pipeline.core.latents import cache_latents
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
+
+
+@dg.asset(
+    group_name="training",
+    code_version="1",
+    deps=[dataset_splits],
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    description="VAE latent_dist mean/std and CLIP text embeddings for every train image, as safetensors "
+    "shards keyed by base model, image hash, caption and resolution: unchanged items are never re-encoded, "
+    "and training no longer needs the VAE encoder or the text encoder in memory.",
+)
+def training_latents(
+    context: dg.AssetExecutionContext,
+    pipeline_config: PipelineConfigResource,
+    device: DeviceResource,
+    base_model: BaseModelResource,
+) -> dg.MaterializeResult:
+    cfg = pipeline_config.get()
+    layout = Layout.of(cfg)
+    if not cfg.training.cache_latents:
+        context.log.info("training.cache_latents is false: lora_training encodes images on the fly")
+        return dg.MaterializeResult(metadata={**config_metadata(cfg), "cache_latents": False})
+
+    device_info = device.resolve(cfg)
+    components = base_model.load(cfg, device_info)
+    report = cache_latents(
+        components,
+        layout.split_dir("train"),
+        layout.latents_dir,
+        resolution=cfg.dataset.resolution,
+        batch_size=cfg.training.latent_encoding_batch_size,
+        device=device_info.torch_device,
+        dtype=device_info.weight_dtype,
+    )
+    for note in report.notes:
+        context.log.info(note)
+    return dg.MaterializeResult(
+        metadata={
+            **config_metadata(cfg),
+            "cache_latents": True,
+            "items": report.total,
+            "computed_this_run": report.computed,
+            "reused": report.reused,
+            "removed": report.removed,
+            "latent_shape": str(report.latent_shape),
+            "embedding_shape": str(report.embedding_shape),
+            "scaling_factor": report.scaling_factor,
+            "size_mb": round(report.bytes_on_disk / 1e6, 2),
+            "seconds": round(report.seconds, 2),
+            "cache_dir": dg.MetadataValue.path(str(report.cache_dir)),
+            "base_model": components.identity["base_model"],
+            "base_model_fingerprint": components.identity["fingerprint"][:16],
+            "device": device_info.type,
+        },
+    )
