@@ -31,7 +31,9 @@ from shoe_lora_pipeline.core.config import load_config  # noqa: E402
 from shoe_lora_pipeline.core.device import choose_device  # noqa: E402
 
 
-def random_sd15(tokenizer_dir: Path, device: str, dtype: torch.dtype, smoke: bool = False) -> models.SDComponents:
+def random_sd15(
+    tokenizer_dir: Path, device: str, dtype: torch.dtype, smoke: bool = False
+) -> models.SDComponents:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -59,7 +61,11 @@ def random_sd15(tokenizer_dir: Path, device: str, dtype: torch.dtype, smoke: boo
         vae=vae,
         unet=unet,
         scheduler=PNDMScheduler.from_config(models.SD15_SCHEDULER_CONFIG),
-        identity={"base_model": "sd15-architecture-random-init", "revision": None, "fingerprint": "random-sd15"},
+        identity={
+            "base_model": "sd15-architecture-random-init",
+            "revision": None,
+            "fingerprint": "random-sd15",
+        },
     )
 
 
@@ -72,7 +78,9 @@ def make_train_dir(root: Path, n: int) -> Path:
     for i in range(n):
         im = Image.new("RGB", (512, 512), "white")
         d = ImageDraw.Draw(im)
-        d.rounded_rectangle((60 + i % 7 * 5, 200, 450, 330), radius=50, fill=colours[i % 4], outline=(90, 90, 90))
+        d.rounded_rectangle(
+            (60 + i % 7 * 5, 200, 450, 330), radius=50, fill=colours[i % 4], outline=(90, 90, 90)
+        )
         name = f"{i:05d}.png"
         im.save(images / name)
         entries.append(
@@ -90,14 +98,18 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, work:
     from shoe_lora_pipeline.core.latents import cache_latents
     from shoe_lora_pipeline.core.training import dataset_fingerprint, train_lora
 
-    cfg = load_config(REPO / "configs" / "casual_shoes_sd15.yaml", check_paths=False, overrides=[
-        f"training.output_dir={work / name}",
-        "training.checkpointing_steps=100000",
-        "training.validation_steps=100000",
-        "training.log_every_steps=1",
-        *(["training.gradient_accumulation_steps=2"] if args.smoke else []),
-        *overrides,
-    ])
+    cfg = load_config(
+        REPO / "configs" / "casual_shoes_sd15.yaml",
+        check_paths=False,
+        overrides=[
+            f"training.output_dir={work / name}",
+            "training.checkpointing_steps=100000",
+            "training.validation_steps=100000",
+            "training.log_every_steps=1",
+            *(["training.gradient_accumulation_steps=2"] if args.smoke else []),
+            *overrides,
+        ],
+    )
     kind = "cpu" if args.smoke else "cuda"
     device_info = choose_device(kind, cfg.training.mixed_precision)
     if args.smoke and cfg.training.mixed_precision != "no":
@@ -111,7 +123,9 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, work:
     cache_s = None
     if cfg.training.cache_latents:
         t0 = time.perf_counter()
-        report = cache_latents(comps, train_dir, latents_dir, 512, 8, device_info.torch_device, device_info.weight_dtype)
+        report = cache_latents(
+            comps, train_dir, latents_dir, 512, 8, device_info.torch_device, device_info.weight_dtype
+        )
         cache_s = time.perf_counter() - t0
         assert report.computed in (0, args.images)
     if cuda:
@@ -191,7 +205,14 @@ def main() -> None:
         f"SD1.5 architecture, random init; batch 2 × accumulation 8 at 512 px; "
         f"{args.steps} optimizer steps per variant, first excluded\n\n"
     )
-    cols = ["variant", "sec_per_optimizer_step", "images_per_s", "peak_gpu_mem_gib", "latent_cache_s", "trainable_params"]
+    cols = [
+        "variant",
+        "sec_per_optimizer_step",
+        "images_per_s",
+        "peak_gpu_mem_gib",
+        "latent_cache_s",
+        "trainable_params",
+    ]
     table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     for r in rows:
         table += "| " + " | ".join(str(r.get(c, r.get("error", ""))) for c in cols) + " |\n"

@@ -76,7 +76,9 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
     result = dg.materialize([*all_assets, *all_asset_checks], resources=resources)
     assert result.success
 
-    mats = {m.asset_key.to_user_string(): m.materialization for m in result.get_asset_materialization_events()}
+    mats = {
+        m.asset_key.to_user_string(): m.materialization for m in result.get_asset_materialization_events()
+    }
     assert set(mats) == {
         "raw_images",
         "cleaned_images",
@@ -127,7 +129,9 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
     assert result.run_id in audit.stdout
 
     # A second materialisation with nothing changed does not train again.
-    again = dg.materialize([a for a in all_assets if a.key.to_user_string() in {"lora_training"}], resources=resources)
+    again = dg.materialize(
+        [a for a in all_assets if a.key.to_user_string() in {"lora_training"}], resources=resources
+    )
     meta = {m.asset_key.to_user_string(): m.materialization for m in again.get_asset_materialization_events()}
     assert meta["lora_training"].metadata["skipped_already_complete"].value is True
     assert meta["lora_training"].metadata["steps_this_run"].value == 0

@@ -35,7 +35,9 @@ _SEVERITY = {"WARN": dg.AssetCheckSeverity.WARN, "ERROR": dg.AssetCheckSeverity.
     deps=[final_pipeline],
     kinds={"pytorch"},
     pool="gpu",
-    check_specs=[dg.AssetCheckSpec(name, asset="evaluation_report", description=d) for name, d in CHECKLIST.items()],
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="evaluation_report", description=d) for name, d in CHECKLIST.items()
+    ],
     description="Generates the test prompts with the fine-tuned pipeline and the base model (same seeds), "
     "computes FID/KID vs the test split, CLIP score, IS and weight-free product-photo QA for both, and "
     "writes metrics.json, report.md and a self-contained report.html.",
@@ -50,7 +52,9 @@ def evaluation_report(
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)
     base_dir = resolve_base_model(
-        cfg.training.base_model, cfg.training.revision, Path(base_model.cache_dir) if base_model.cache_dir else None
+        cfg.training.base_model,
+        cfg.training.revision,
+        Path(base_model.cache_dir) if base_model.cache_dir else None,
     )
     result = evaluate(
         lora=layout.final_pipeline_dir,
@@ -89,7 +93,10 @@ def evaluation_report(
         **config_metadata(cfg),
         "metrics": dg.MetadataValue.md(result.metric_table_markdown),
         "checks": dg.MetadataValue.md(
-            md_table([c.to_dict() for c in result.checks], ["name", "status", "severity", "value", "threshold", "reason"])
+            md_table(
+                [c.to_dict() for c in result.checks],
+                ["name", "status", "severity", "value", "threshold", "reason"],
+            )
         ),
         "white_background_share": summary["white_background_share"],
         "centred_share": summary["centred_share"],
@@ -103,5 +110,7 @@ def evaluation_report(
         if isinstance(value, int | float):
             metadata[f"lora_{name}"] = float(value)  # numeric metadata is plotted across materialisations
     if comparison:
-        metadata["base_vs_lora_prompt0"] = dg.MetadataValue.md(thumbnail_md(comparison[0], "base vs LoRA", 480))
+        metadata["base_vs_lora_prompt0"] = dg.MetadataValue.md(
+            thumbnail_md(comparison[0], "base vs LoRA", 480)
+        )
     return dg.MaterializeResult(metadata=metadata, check_results=check_results)

@@ -28,7 +28,9 @@ def final_pipeline(
     cfg = pipeline_config.get()
     layout = Layout.of(cfg)
     base_dir = resolve_base_model(
-        cfg.training.base_model, cfg.training.revision, Path(base_model.cache_dir) if base_model.cache_dir else None
+        cfg.training.base_model,
+        cfg.training.revision,
+        Path(base_model.cache_dir) if base_model.cache_dir else None,
     )
     lora_prov = read_provenance(layout.lora_weights_dir)
     out = fuse_lora_pipeline(

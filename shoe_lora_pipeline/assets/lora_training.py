@@ -76,7 +76,9 @@ def lora_training(
     if result.loss_curve_png:
         metadata["loss_curve"] = dg.MetadataValue.md(thumbnail_md(result.loss_curve_png, "loss curve", 480))
     if result.latest_grid:
-        metadata["validation_grid"] = dg.MetadataValue.md(thumbnail_md(result.latest_grid, "validation grid", 480))
+        metadata["validation_grid"] = dg.MetadataValue.md(
+            thumbnail_md(result.latest_grid, "validation grid", 480)
+        )
         metadata["validation_grid_path"] = dg.MetadataValue.path(str(result.latest_grid))
     # Dagster's metadata floats must be real numbers; drop what a skipped run could not measure.
     return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None})

@@ -23,7 +23,9 @@ def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
     if wanted is None:
         ckpt = newest_checkpoint(layout.checkpoints_dir)
         if ckpt is None:
-            raise LoraExportError(f"no complete checkpoint in {layout.checkpoints_dir}: materialize lora_training")
+            raise LoraExportError(
+                f"no complete checkpoint in {layout.checkpoints_dir}: materialize lora_training"
+            )
         return ckpt
     for ckpt in list_checkpoints(layout.checkpoints_dir):
         if ckpt.step == wanted:
@@ -56,7 +58,9 @@ def lora_weights(
         dagster_run_id=context.run.run_id,
         config=cfg,
         training_state=ckpt.state,
-        dataset_manifest_hash=manifest_hash(pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})),
+        dataset_manifest_hash=manifest_hash(
+            pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})
+        ),
     )
     cache_dir = Path(base_model.cache_dir) if base_model.cache_dir else None
     result = export_lora(
@@ -64,7 +68,9 @@ def lora_weights(
         layout.lora_weights_dir,
         dataset_name=cfg.dataset.name,
         provenance=provenance,
-        training=TrainingFacts.from_config(cfg, captions=train_captions, num_train_images=len(train_captions)),
+        training=TrainingFacts.from_config(
+            cfg, captions=train_captions, num_train_images=len(train_captions)
+        ),
         base_model_dir=resolve_base_model(cfg.training.base_model, cfg.training.revision, cache_dir),
         training_output_dir=layout.training_dir,
     )
