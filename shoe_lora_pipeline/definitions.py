@@ -1,6 +1,9 @@
-"""The Dagster code location: every asset, check and resource of the pipeline, assembled here."""
+"""The Dagster code location: every stage of every product category, the jobs, schedule, sensor and
+resources, assembled here."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import dagster as dg
 
@@ -15,26 +18,43 @@ from shoe_lora_pipeline.assets import (
     raw_images,
     training_latents,
 )
-from shoe_lora_pipeline.resources import default_resources
+from shoe_lora_pipeline.assets._stage import build_stage
+from shoe_lora_pipeline.automation import build_automation
+from shoe_lora_pipeline.core.config import PipelineConfig, load_config
+from shoe_lora_pipeline.resources import PipelineConfigResource, default_resources
 
-# In pipeline order: raw photos → dataset → training → export.
-_STAGE_MODULES = [
-    raw_images,
-    cleaned_images,
-    captions,
-    dataset_splits,
-    training_latents,
-    lora_training,
-    lora_weights,
-    final_pipeline,
-    evaluation_report,
+# The stages in pipeline order: raw photos → dataset → training → export → evaluation.
+STAGES = [
+    raw_images.raw_images,
+    cleaned_images.cleaned_images,
+    captions.captions,
+    dataset_splits.dataset_splits,
+    training_latents.training_latents,
+    lora_training.lora_training,
+    lora_weights.lora_weights,
+    final_pipeline.final_pipeline,
+    evaluation_report.evaluation_report,
 ]
+STAGE_NAMES = [fn.__name__ for fn in STAGES]
 
-all_assets = dg.load_assets_from_modules(_STAGE_MODULES)
-all_asset_checks = dg.load_asset_checks_from_modules(_STAGE_MODULES)
 
-defs = dg.Definitions(
-    assets=all_assets,
-    asset_checks=all_asset_checks,
-    resources=default_resources(),
-)
+def category_assets(category: str, stages: list[str] | None = None) -> list[dg.AssetsDefinition]:
+    """One category's chain of assets, keyed ``<category>/<stage>`` (all stages unless named)."""
+    return [build_stage(fn, category) for fn in STAGES if stages is None or fn.__name__ in stages]
+
+
+def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
+    """Definitions for the categories of a config file (default: $SHOE_LORA_CONFIG or configs/demo.yaml).
+
+    Raw folders are not required to exist here, so the UI loads and a run reports the missing folder.
+    """
+    cfg: PipelineConfig = load_config(config_path, check_paths=False)
+    assets = [a for name in cfg.category_names() for a in category_assets(name)]
+    resources = default_resources()
+    if config_path is not None:
+        resources["pipeline_config"] = PipelineConfigResource(config_path=str(config_path))
+    jobs, schedules, sensors = build_automation(cfg)
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=sensors, resources=resources)
+
+
+defs = build_definitions()

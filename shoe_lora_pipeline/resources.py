@@ -44,10 +44,11 @@ class PipelineConfigResource(dg.ConfigurableResource):
         # Validate before any asset body runs: a bad key or value fails the run at once, naming it.
         self._config = load_config(self.config_path or None, overrides=self.overrides)
 
-    def get(self) -> PipelineConfig:
+    def get(self, category: str | None = None) -> PipelineConfig:
+        """The whole configuration, or one product category's (its dataset and output folders)."""
         if self._config is None:
             self._config = load_config(self.config_path or None, overrides=self.overrides)
-        return self._config
+        return self._config if category is None else self._config.for_category(category)
 
 
 class DeviceResource(dg.ConfigurableResource):

@@ -9,24 +9,18 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from shoe_lora_pipeline.assets import captions, cleaned_images, dataset_splits, raw_images
-from shoe_lora_pipeline.definitions import defs
+from shoe_lora_pipeline.definitions import category_assets, defs
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 from .conftest import DEMO_RAW_DIR
 
-DATA_ASSETS = [
-    raw_images.raw_images,
-    cleaned_images.cleaned_images,
-    captions.captions,
-    dataset_splits.dataset_splits,
-]
-DATA_CHECKS = [
-    cleaned_images.cleaned_images_are_square_rgb_png,
-    cleaned_images.valid_ratio_above_minimum,
-    dataset_splits.train_images_have_one_caption,
-    dataset_splits.no_image_in_two_splits,
-]
+DATA_STAGES = ["raw_images", "cleaned_images", "captions", "dataset_splits"]
+DATA_CHECKS = {
+    "cleaned_images_are_square_rgb_png",
+    "valid_ratio_above_minimum",
+    "train_images_have_one_caption",
+    "no_image_in_two_splits",
+}
 
 
 def write_config(tmp_path: Path, raw_dir: Path, resolution: int = 128, extra: str = "") -> Path:
@@ -57,11 +51,16 @@ def folder_fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-def materialize_data(cfg_path: Path) -> dg.ExecuteInProcessResult:
+def materialize_data(cfg_path: Path, category: str = "casual_shoes") -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [*DATA_ASSETS, *DATA_CHECKS],
+        category_assets(category, DATA_STAGES),
         resources={"pipeline_config": PipelineConfigResource(config_path=str(cfg_path))},
     )
+
+
+def by_stage(result: dg.ExecuteInProcessResult) -> dict:
+    """Materialisations by stage name (the key without its category prefix)."""
+    return {m.asset_key.path[-1]: m for m in result.get_asset_materialization_events()}
 
 
 @pytest.fixture()
@@ -74,7 +73,7 @@ def demo_copy(tmp_path: Path) -> Path:
 def test_definitions_load_with_every_stage() -> None:
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert {"raw_images", "cleaned_images", "captions", "dataset_splits"} <= keys
+    assert {f"casual_shoes/{s}" for s in DATA_STAGES} <= keys
     assert isinstance(defs.resources["pipeline_config"], PipelineConfigResource)
     assert isinstance(defs.resources["device"], DeviceResource)
     assert isinstance(defs.resources["base_model"], BaseModelResource)
@@ -87,11 +86,11 @@ def test_data_stage_on_demo_data(tmp_path: Path, demo_copy: Path) -> None:
     assert result.success
 
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == len(DATA_CHECKS)
+    assert {c.check_name for c in checks} == DATA_CHECKS
     assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
 
     out = tmp_path / "out" / "casual_shoes"
-    mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
+    mats = by_stage(result)
     cleaned_meta = mats["cleaned_images"].materialization.metadata
     assert cleaned_meta["rejected_count"].value > 0  # the demo ships deliberately invalid files
     assert (out / "cleaned" / "discard_report.csv").exists()
@@ -115,7 +114,7 @@ def test_data_stage_on_demo_data(tmp_path: Path, demo_copy: Path) -> None:
     # Data version of raw_images is the manifest hash; unchanged folder → same version on re-run.
     v1 = mats["raw_images"].materialization.tags["dagster/data_version"]
     again = materialize_data(cfg_path)
-    mats2 = {m.asset_key.to_user_string(): m for m in again.get_asset_materialization_events()}
+    mats2 = by_stage(again)
     assert mats2["raw_images"].materialization.tags["dagster/data_version"] == v1
     assert mats2["cleaned_images"].materialization.metadata["processed_this_run"].value == 0
 
@@ -129,7 +128,7 @@ def test_incremental_rerun_processes_only_new_files(tmp_path: Path, demo_copy: P
         im.save(demo_copy / f"9990{i}.jpg", quality=90)
     result = materialize_data(cfg_path)
     assert result.success
-    mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
+    mats = by_stage(result)
     assert mats["cleaned_images"].materialization.metadata["processed_this_run"].value == 2
 
 
@@ -146,7 +145,7 @@ def test_hostile_raw_dir_never_crashes(tmp_path: Path) -> None:
     before = folder_fingerprint(raw)
     result = materialize_data(write_config(tmp_path, raw))
     assert result.success
-    mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
+    mats = by_stage(result)
     assert mats["raw_images"].materialization.metadata["num_skipped"].value == 1  # the symlink out
     assert mats["cleaned_images"].materialization.metadata["rejected_count"].value == 2
     assert folder_fingerprint(raw) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,9 +42,42 @@ def thumbnail_md(path: Path, caption: str, max_side: int = 384) -> str:
     return f"![{caption}](data:image/png;base64,{data})"
 
 
-def config_metadata(cfg: PipelineConfig) -> dict[str, Any]:
-    return {
+@functools.lru_cache(maxsize=1)
+def _environment() -> dict[str, Any]:
+    from shoe_lora_pipeline.core.provenance import git_info, package_versions
+
+    return {"package_versions": package_versions(), "git": git_info()}
+
+
+def _manifest_hash(cfg: PipelineConfig) -> str | None:
+    from shoe_lora_pipeline.core.layout import Layout
+
+    path = Layout.of(cfg).raw_manifest
+    if not path.exists():
+        return None
+    import pandas as pd
+
+    from shoe_lora_pipeline.core.manifest import manifest_hash
+
+    return manifest_hash(pd.read_csv(path, dtype={"rel_path": str, "sha256": str}))
+
+
+def config_metadata(cfg: PipelineConfig, device: Any = None) -> dict[str, Any]:
+    """What every materialisation records for an audit: the resolved config and its hash, the dataset
+    manifest hash, the base model, package versions, git commit and (where used) the device."""
+    env = _environment()
+    meta: dict[str, Any] = {
+        "category": cfg.dataset.name,
         "config_file": dg.MetadataValue.path(str(cfg.source_path)),
         "config_hash": cfg.config_hash()[:16],
-        "dataset": cfg.dataset.name,
+        "resolved_config": dg.MetadataValue.json(cfg.model_dump(mode="json")),
+        "base_model": cfg.training.base_model,
+        "base_model_revision": cfg.training.revision or "default",
+        "package_versions": dg.MetadataValue.json(env["package_versions"]),
+        "git_commit": str(env["git"].get("commit") or "none"),
+        "device": device.type if device is not None else "n/a",
     }
+    digest = _manifest_hash(cfg)
+    if digest:
+        meta["dataset_manifest_hash"] = digest
+    return meta

@@ -4,16 +4,15 @@
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets.cleaned_images import cleaned_images
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import build_captions, load_styles, write_captions_json
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@dg.asset(
-    group_name="dataset",
-    code_version="1",
-    deps=[cleaned_images],
+@stage(
+    group="dataset",
+    deps=("cleaned_images",),
     kinds={"json"},
     description="One caption per cleaned image: 'A professional product photo of [colour] [type] shoes on "
     "white background, [characteristics], product photography'. A <image>.txt sidecar wins, then the "
@@ -22,7 +21,7 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def captions(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     styles = load_styles(cfg.dataset.styles_csv_path)
     result = build_captions(

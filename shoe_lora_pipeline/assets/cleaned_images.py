@@ -5,24 +5,27 @@ import dagster as dg
 import pandas as pd
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets.raw_images import raw_images
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.cleaning import CleaningParams, clean_images
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@dg.asset(
-    group_name="dataset",
-    code_version="1",
-    deps=[raw_images],
+@stage(
+    group="dataset",
+    deps=("raw_images",),
     kinds={"pillow"},
+    checks={
+        "cleaned_images_are_square_rgb_png": "Every cleaned image is a resolution×resolution RGB PNG.",
+        "valid_ratio_above_minimum": "valid / raw image ratio is at least dataset.min_valid_ratio.",
+    },
     description="512px white-padded RGB PNGs + discard report (empty, corrupt, too small, extreme aspect, "
     "decompression bombs, duplicates). Incremental: only new or changed photos are decoded.",
 )
 def cleaned_images(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     manifest = pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})
     params = CleaningParams.from_config(cfg.dataset.cleaning, cfg.dataset.resolution)
@@ -55,14 +58,13 @@ def cleaned_images(
             "images_dir": dg.MetadataValue.path(str(layout.cleaned_images_dir)),
             "discard_report": dg.MetadataValue.path(str(layout.cleaned_dir / "discard_report.csv")),
         },
+        check_results=[cleaned_images_are_square_rgb_png(cfg), valid_ratio_above_minimum(cfg, report)],
     )
 
 
-@dg.asset_check(asset=cleaned_images, description="Every cleaned image is a resolution×resolution RGB PNG.")
-def cleaned_images_are_square_rgb_png(pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
+def cleaned_images_are_square_rgb_png(cfg) -> dg.AssetCheckResult:  # noqa: ANN001
     from PIL import Image
 
-    cfg = pipeline_config.get()
     res = cfg.dataset.resolution
     bad = []
     files = sorted(Layout.of(cfg).cleaned_images_dir.glob("*"))
@@ -76,6 +78,7 @@ def cleaned_images_are_square_rgb_png(pipeline_config: PipelineConfigResource) -
         except OSError as exc:
             bad.append({"file": path.name, "found": f"unreadable: {exc}"})
     return dg.AssetCheckResult(
+        check_name="cleaned_images_are_square_rgb_png",
         passed=not bad and bool(files),
         metadata={
             "checked": len(files),
@@ -85,24 +88,14 @@ def cleaned_images_are_square_rgb_png(pipeline_config: PipelineConfigResource) -
     )
 
 
-@dg.asset_check(
-    asset=cleaned_images, description="valid / raw image ratio is at least dataset.min_valid_ratio."
-)
-def valid_ratio_above_minimum(pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
-    import json
-
-    layout = Layout.of(pipeline_config.get())
-    cfg = pipeline_config.get()
-    manifest = pd.read_csv(layout.raw_manifest)
-    raw = int((manifest["kind"] == "image").sum()) if len(manifest) else 0
-    kept = len(json.loads(layout.cleaned_manifest.read_text()))
-    ratio = kept / raw if raw else 0.0
+def valid_ratio_above_minimum(cfg, report) -> dg.AssetCheckResult:  # noqa: ANN001
     return dg.AssetCheckResult(
-        passed=ratio >= cfg.dataset.min_valid_ratio,
+        check_name="valid_ratio_above_minimum",
+        passed=report.raw_count > 0 and report.valid_ratio >= cfg.dataset.min_valid_ratio,
         metadata={
-            "valid": kept,
-            "raw": raw,
-            "ratio": round(ratio, 4),
+            "valid": report.valid_count,
+            "raw": report.raw_count,
+            "ratio": round(report.valid_ratio, 4),
             "minimum": cfg.dataset.min_valid_ratio,
         },
     )

@@ -4,24 +4,27 @@
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets.captions import captions
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.layout import SPLITS, Layout
 from shoe_lora_pipeline.core.splits import find_overlaps, make_splits, missing_or_extra_captions
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@dg.asset(
-    group_name="dataset",
-    code_version="1",
-    deps=[captions],
+@stage(
+    group="dataset",
+    deps=("captions",),
+    checks={
+        "train_images_have_one_caption": "Every train image has exactly one caption (and vice versa).",
+        "no_image_in_two_splits": "No image appears in two splits.",
+    },
     description="train/val/test folders (images/*.png + captions.json each). Assignment hashes the image "
     "content, so adding photos never moves existing ones between splits.",
 )
 def dataset_splits(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     entries = read_captions_json(layout.captions_json)
     # Strict stability: a newly added photo never moves an existing one, even a near-duplicate's original.
@@ -45,17 +48,15 @@ def dataset_splits(
                 md_table([{"split": s, "images": n} for s, n in counts.items()], ["split", "images"])
             ),
         },
+        check_results=[train_images_have_one_caption(layout), no_image_in_two_splits(layout)],
     )
 
 
-@dg.asset_check(
-    asset=dataset_splits, description="Every train image has exactly one caption (and vice versa)."
-)
-def train_images_have_one_caption(pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
-    layout = Layout.of(pipeline_config.get())
+def train_images_have_one_caption(layout: Layout) -> dg.AssetCheckResult:
     problems = missing_or_extra_captions(layout.dataset_dir, "train")
     n_train = len(list((layout.split_dir("train") / "images").glob("*.png")))
     return dg.AssetCheckResult(
+        check_name="train_images_have_one_caption",
         passed=not problems and n_train > 0,
         metadata={
             "train_images": n_train,
@@ -64,10 +65,10 @@ def train_images_have_one_caption(pipeline_config: PipelineConfigResource) -> dg
     )
 
 
-@dg.asset_check(asset=dataset_splits, description="No image appears in two splits.")
-def no_image_in_two_splits(pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
-    overlaps = find_overlaps(Layout.of(pipeline_config.get()).dataset_dir)
+def no_image_in_two_splits(layout: Layout) -> dg.AssetCheckResult:
+    overlaps = find_overlaps(layout.dataset_dir)
     return dg.AssetCheckResult(
+        check_name="no_image_in_two_splits",
         passed=not overlaps,
         metadata={"overlaps": dg.MetadataValue.md("\n".join(f"- {o}" for o in overlaps[:50]) or "_none_")},
     )

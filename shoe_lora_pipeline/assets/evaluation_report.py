@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
-from shoe_lora_pipeline.assets.final_pipeline import final_pipeline
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.evaluation import evaluate
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import read_provenance
@@ -29,15 +29,12 @@ CHECKLIST = {
 _SEVERITY = {"WARN": dg.AssetCheckSeverity.WARN, "ERROR": dg.AssetCheckSeverity.ERROR}
 
 
-@dg.asset(
-    group_name="evaluation",
-    code_version="1",
-    deps=[final_pipeline],
+@stage(
+    group="evaluation",
+    deps=("final_pipeline",),
     kinds={"pytorch"},
     pool="gpu",
-    check_specs=[
-        dg.AssetCheckSpec(name, asset="evaluation_report", description=d) for name, d in CHECKLIST.items()
-    ],
+    checks=CHECKLIST,
     description="Generates the test prompts with the fine-tuned pipeline and the base model (same seeds), "
     "computes FID/KID vs the test split, CLIP score, IS and weight-free product-photo QA for both, and "
     "writes metrics.json, report.md and a self-contained report.html.",
@@ -48,7 +45,7 @@ def evaluation_report(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)
     base_dir = resolve_base_model(
@@ -90,7 +87,7 @@ def evaluation_report(
     summary = result.summary()
     comparison = result.paths.comparison_grids
     metadata = {
-        **config_metadata(cfg),
+        **config_metadata(cfg, device_info),
         "metrics": dg.MetadataValue.md(result.metric_table_markdown),
         "checks": dg.MetadataValue.md(
             md_table(

@@ -6,17 +6,16 @@ from pathlib import Path
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.assets.lora_weights import lora_weights
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
 from shoe_lora_pipeline.core.models import resolve_base_model
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
-@dg.asset(
-    group_name="export",
-    code_version="1",
-    deps=[lora_weights],
+@stage(
+    group="export",
+    deps=("lora_weights",),
     kinds={"diffusers"},
     description="StableDiffusionPipeline with the LoRA fused (save_pretrained, safetensors): loads with "
     "StableDiffusionPipeline.from_pretrained(path) and needs no LoRA at inference. ~2–4 GB on SD1.5, so it "
@@ -25,7 +24,7 @@ from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResour
 def final_pipeline(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     base_dir = resolve_base_model(
         cfg.training.base_model,

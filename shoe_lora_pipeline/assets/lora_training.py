@@ -4,16 +4,15 @@
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, thumbnail_md
-from shoe_lora_pipeline.assets.training_latents import training_latents
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.training import dataset_fingerprint, train_lora
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 
-@dg.asset(
-    group_name="training",
-    code_version="1",
-    deps=[training_latents],
+@stage(
+    group="training",
+    deps=("training_latents",),
     kinds={"pytorch"},
     pool="gpu",
     description="Trains the LoRA (peft on the UNet's to_k/to_q/to_v/to_out.0). Checkpoints every "
@@ -26,7 +25,7 @@ def lora_training(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)
     context.log.info(f"device: {device_info.type} ({device_info.name}); {device_info.dtype_policy}")
@@ -54,7 +53,7 @@ def lora_training(
     context.log.info(result.resume_note)
 
     metadata = {
-        **config_metadata(cfg),
+        **config_metadata(cfg, device_info),
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "global_step": result.global_step,

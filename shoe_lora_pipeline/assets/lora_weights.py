@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets.lora_training import lora_training
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpoint
 from shoe_lora_pipeline.core.layout import Layout
@@ -34,10 +34,9 @@ def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
     raise LoraExportError(f"export.checkpoint_step = {wanted}: no such checkpoint (kept steps: {have})")
 
 
-@dg.asset(
-    group_name="export",
-    code_version="1",
-    deps=[lora_training],
+@stage(
+    group="export",
+    deps=("lora_training",),
     kinds={"safetensors"},
     description="adapter_config.json + adapter_model.safetensors (PEFT), pytorch_lora_weights.safetensors "
     "(diffusers, alpha honoured), <dataset>_lora.safetensors (kohya: A1111/ComfyUI/Civitai) and a model card; "
@@ -48,7 +47,7 @@ def lora_weights(
 ) -> dg.MaterializeResult:
     import pandas as pd
 
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     ckpt = selected_checkpoint(cfg, layout)
     context.log.info(f"exporting {ckpt.path.name}")

@@ -4,14 +4,14 @@
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@dg.asset(
-    group_name="dataset",
-    code_version="1",
+@stage(
+    group="dataset",
     kinds={"pandas"},
     description="Manifest of the raw photo folder (path, size, sha256, format). Its data version is the "
     "manifest hash, so any added, changed or deleted photo makes everything downstream stale.",
@@ -19,7 +19,7 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def raw_images(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     scan = scan_raw_dir(cfg.dataset.raw_dir)
     digest = manifest_hash(scan.manifest)
 

@@ -4,16 +4,15 @@
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.assets.dataset_splits import dataset_splits
+from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.latents import cache_latents
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 
-@dg.asset(
-    group_name="training",
-    code_version="1",
-    deps=[dataset_splits],
+@stage(
+    group="training",
+    deps=("dataset_splits",),
     kinds={"pytorch", "safetensors"},
     pool="gpu",
     description="VAE latent_dist mean/std and CLIP text embeddings for every train image, as safetensors "
@@ -26,13 +25,13 @@ def training_latents(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get()
+    cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
+    device_info = device.resolve(cfg)
     if not cfg.training.cache_latents:
         context.log.info("training.cache_latents is false: lora_training encodes images on the fly")
-        return dg.MaterializeResult(metadata={**config_metadata(cfg), "cache_latents": False})
+        return dg.MaterializeResult(metadata={**config_metadata(cfg, device_info), "cache_latents": False})
 
-    device_info = device.resolve(cfg)
     components = base_model.load(cfg, device_info)
     report = cache_latents(
         components,
@@ -47,7 +46,7 @@ def training_latents(
         context.log.info(note)
     return dg.MaterializeResult(
         metadata={
-            **config_metadata(cfg),
+            **config_metadata(cfg, device_info),
             "cache_latents": True,
             "items": report.total,
             "computed_this_run": report.computed,

@@ -191,13 +191,94 @@ class EvaluationConfig(_Strict):
     thresholds: EvaluationThresholds = EvaluationThresholds()
 
 
+class CategoryConfig(_Strict):
+    """One more product category: its own photos and output folders; other dataset keys default to
+    the ``dataset:`` section's."""
+
+    raw_dir: Path
+    output_dir: Path
+    training_output_dir: Path | None = Field(None, description="Default: <output_dir>/lora.")
+    styles_csv: Path | None = None
+    default_type: str | None = None
+    default_characteristics: str | None = None
+    caption_template: str | None = None
+    min_valid_ratio: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class AutomationConfig(_Strict):
+    retrain_cron: str = Field("0 3 * * 1", description="When retrain_job runs (default: Mondays 03:00).")
+    timezone: str = Field("UTC", description="IANA timezone of retrain_cron, e.g. Europe/Berlin.")
+    sensor_interval_seconds: int = Field(60, ge=10, description="How often the new-photo sensor looks.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r} (use an IANA name such as Europe/Berlin)") from None
+        return v
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"retrain_cron must have 5 fields (minute hour day month weekday), got {v!r}")
+        return v
+
+
 class PipelineConfig(_Strict):
     dataset: DatasetConfig
+    categories: dict[str, CategoryConfig] = Field(
+        default_factory=dict, description="Further product categories; `dataset:` is the first one."
+    )
+    automation: AutomationConfig = AutomationConfig()
     training: TrainingConfig
     export: ExportConfig = ExportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     device: Literal["auto", "mps", "cuda", "cpu"] = "auto"
     source_path: Path | None = Field(None, exclude=True, description="The YAML file this came from.")
+
+    @model_validator(mode="after")
+    def _categories_are_distinct(self) -> PipelineConfig:
+        names = [self.dataset.name, *self.categories]
+        if len(set(names)) != len(names):
+            raise ValueError(f"category {self.dataset.name!r} is both dataset.name and a categories key")
+        for name in self.categories:
+            DatasetConfig._safe_name(name)
+        outputs: dict[Path, str] = {}
+        for name in names:
+            cat = self.for_category(name) if self.categories else self
+            for folder in (cat.dataset.output_dir, cat.training.output_dir):
+                if folder in outputs and outputs[folder] != name:
+                    raise ValueError(
+                        f"categories {outputs[folder]!r} and {name!r} share the output folder {folder}: "
+                        "each category needs its own"
+                    )
+                outputs[folder] = name
+        return self
+
+    def category_names(self) -> list[str]:
+        """The product categories, the ``dataset:`` section's first."""
+        return [self.dataset.name, *self.categories]
+
+    def for_category(self, name: str) -> PipelineConfig:
+        """The configuration of one category: its dataset section and training output folder."""
+        if name == self.dataset.name:
+            return self.model_copy(update={"categories": {}})
+        if name not in self.categories:
+            raise ConfigError(f"unknown category {name!r}; configured: {', '.join(self.category_names())}")
+        cat = self.categories[name]
+        overrides = {
+            k: v for k, v in cat.model_dump(exclude={"training_output_dir"}).items() if v is not None
+        }
+        dataset = self.dataset.model_copy(update={**overrides, "name": name})
+        training = self.training.model_copy(
+            update={"output_dir": cat.training_output_dir or cat.output_dir / "lora"}
+        )
+        return self.model_copy(update={"dataset": dataset, "training": training, "categories": {}})
 
     def config_hash(self) -> str:
         """Stable hash of the resolved configuration (paths included), for provenance and resume checks."""
@@ -234,8 +315,12 @@ _PATH_FIELDS = {
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    for section, keys in _PATH_FIELDS.items():
-        sect = raw.get(section)
+    sections = [(raw.get(section), keys) for section, keys in _PATH_FIELDS.items()]
+    categories = raw.get("categories")
+    if isinstance(categories, dict):
+        cat_keys = ("raw_dir", "output_dir", "training_output_dir", "styles_csv")
+        sections += [(cat, cat_keys) for cat in categories.values()]
+    for sect, keys in sections:
         if not isinstance(sect, dict):
             continue
         for key in keys:

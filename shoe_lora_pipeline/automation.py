@@ -1,0 +1,104 @@
+"""Jobs, the retraining schedule and the new-photo sensor.
+
+Why a sensor and not Declarative Automation: a product photo folder is outside Dagster, so something has
+to look at it; the sensor compares the folder's content hash with the data version of the category's last
+``raw_images`` materialisation and asks for exactly one run (run key = category + manifest hash) of that
+category's chain. The stages below ``raw_images`` are incremental (cleaning cache, latent cache), so the
+run redoes only what the new photos change; training restarts because its dataset changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
+
+DATA_VERSION_TAG = "dagster/data_version"
+
+
+def listing_fingerprint(raw_dir: Path) -> str:
+    """Cheap change detector: names, sizes and modification times only (no file is read)."""
+    h = hashlib.sha256()
+    if not raw_dir.is_dir():
+        return "missing"
+    for root, dirs, files in os.walk(raw_dir):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root, name)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            h.update(f"{path.relative_to(raw_dir).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def last_trained_manifest(instance: dg.DagsterInstance, category: str) -> str | None:
+    """The manifest hash (data version) of the category's last raw_images materialisation."""
+    event = instance.get_latest_materialization_event(dg.AssetKey([category, "raw_images"]))
+    if event is None or event.asset_materialization is None:
+        return None
+    return (event.asset_materialization.tags or {}).get(DATA_VERSION_TAG)
+
+
+def build_automation(
+    cfg: PipelineConfig,
+) -> tuple[list[dg.UnresolvedAssetJobDefinition], list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
+    from shoe_lora_pipeline.definitions import STAGE_NAMES
+
+    retrain_job = dg.define_asset_job(
+        "retrain_job",
+        selection=dg.AssetSelection.all(),
+        description="The whole graph, every category: photos → LoRA → evaluation report.",
+    )
+    dataset_job = dg.define_asset_job(
+        "dataset_job",
+        selection=dg.AssetSelection.groups("dataset"),
+        description="The data stage only: raw_images → cleaned_images → captions → dataset_splits.",
+    )
+    retrain_schedule = dg.ScheduleDefinition(
+        name="retrain_schedule",
+        job=retrain_job,
+        cron_schedule=cfg.automation.retrain_cron,
+        execution_timezone=cfg.automation.timezone,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description=f"retrain_job at '{cfg.automation.retrain_cron}' ({cfg.automation.timezone}).",
+    )
+    categories = {name: cfg.for_category(name).dataset.raw_dir for name in cfg.category_names()}
+
+    @dg.sensor(
+        name="new_photos_sensor",
+        minimum_interval_seconds=cfg.automation.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        asset_selection=dg.AssetSelection.all(),
+        description="Retrains a category when photos in its raw_dir are added, changed or deleted.",
+    )
+    def new_photos_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        cursor: dict[str, dict[str, str]] = json.loads(context.cursor) if context.cursor else {}
+        requests = []
+        for category, raw_dir in categories.items():
+            listing = listing_fingerprint(raw_dir)
+            seen = cursor.get(category, {})
+            if listing == seen.get("listing") or listing == "missing":
+                continue  # nothing on disk changed since the last tick: no file is read
+            digest = manifest_hash(scan_raw_dir(raw_dir).manifest)
+            cursor[category] = {"listing": listing, "manifest": digest}
+            if digest == last_trained_manifest(context.instance, category):
+                continue  # e.g. files touched, or already materialised by hand
+            context.log.info(f"{category}: photos changed (manifest {digest[:12]}), requesting a run")
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{category}:{digest}",
+                    asset_selection=[dg.AssetKey([category, stage]) for stage in STAGE_NAMES],
+                    tags={"category": category, "trigger": "new_photos", "manifest_hash": digest},
+                )
+            )
+        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+
+    return [retrain_job, dataset_job], [retrain_schedule], [new_photos_sensor]
