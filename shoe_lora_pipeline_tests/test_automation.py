@@ -158,3 +158,21 @@ def test_sensor_launches_one_run_for_the_changed_category(tmp_path: Path) -> Non
     assert fourth.run_requests == []
     (tmp_path / "shoes_raw" / "10004.jpg").touch()
     assert tick(fourth.cursor).run_requests == []
+
+
+def test_dagster_definitions_validate() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path as _P
+
+    repo = _P(__file__).resolve().parents[1]
+    bin_dir = _P(sys.executable).parent
+    proc = subprocess.run(
+        [str(bin_dir / "dagster"), "definitions", "validate", "-m", "shoe_lora_pipeline.definitions"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Validation successful" in proc.stderr + proc.stdout
