@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from shoe_lora_pipeline.core.fsutil import atomic_write_json
 
 # ----------------------------------------------------------------------------------------------
 # styles.csv
@@ -840,20 +841,7 @@ def write_captions_json(entries: list[dict[str, Any]], path: Path) -> Path:
     path = Path(path)
     validate_caption_entries(entries, str(path))
     data = [_canonical_entry(e) for e in sorted(entries, key=lambda e: e["image_file"])]
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(path, data, indent=2, ensure_ascii=False)
 
 
 def read_captions_json(path: Path) -> list[dict[str, Any]]:

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from shoe_lora_pipeline.core.fsutil import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -212,20 +214,7 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # not supported everywhere; the data files are already synced
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -267,11 +256,11 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 
@@ -366,5 +355,5 @@ def supersede_checkpoints(root: Path, old_training_hash: str | None, extra: list
     target.mkdir(parents=True)
     for p in movable:
         os.replace(p, target / p.name)
-    _fsync_dir(root)
+    fsync_dir(root)
     return target

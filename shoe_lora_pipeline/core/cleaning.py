@@ -42,6 +42,8 @@ try:  # colour management is optional in custom Pillow builds; without it ICC pr
 except ImportError:  # pragma: no cover
     ImageCms = None
 
+from shoe_lora_pipeline.core.fsutil import atomic_write_text
+
 from .config import CleaningConfig
 from .imagehash import near_duplicate_pairs, phash_hex
 from .manifest import file_sha256
@@ -520,12 +522,6 @@ def _map_jobs(jobs: list[_Job], workers: int, progress: Callable[[int, int], Non
     return results
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _fingerprint(path: Path) -> tuple[int | None, int | None]:
     """(size, mtime_ns) of a file, (None, None) if it is missing."""
     try:
@@ -665,8 +661,8 @@ def _write_discard_reports(out_dir: Path, rejects: list[dict]) -> None:
     writer.writeheader()
     for row in rejects:
         writer.writerow({k: ("" if row[k] is None else row[k]) for k in DISCARD_COLUMNS})
-    _atomic_write_text(out_dir / DISCARD_CSV, buf.getvalue())
-    _atomic_write_text(out_dir / DISCARD_JSON, json.dumps(rejects, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / DISCARD_CSV, buf.getvalue())
+    atomic_write_text(out_dir / DISCARD_JSON, json.dumps(rejects, indent=2, ensure_ascii=False) + "\n")
 
 
 def clean_images(
@@ -757,10 +753,10 @@ def clean_images(
         for c in candidates
         if results[c.entry_key].get("reason_code") != "read_error"
     }
-    _atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     _write_discard_reports(out_dir, rejects)
     cache_doc = {"version": CACHE_VERSION, "params_key": params_key, "entries": entries, "outputs": outputs}
-    _atomic_write_text(out_dir / CACHE_FILE, json.dumps(cache_doc, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / CACHE_FILE, json.dumps(cache_doc, indent=1, sort_keys=True) + "\n")
 
     raw_count = len(rows)
     return CleaningReport(

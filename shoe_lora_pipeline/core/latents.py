@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shoe_lora_pipeline.core.captions import read_captions_json
+from shoe_lora_pipeline.core.fsutil import atomic_write_text, fsync_dir, fsync_file
 from shoe_lora_pipeline.core.manifest import file_sha256
 
 INDEX_NAME = "index.json"
@@ -168,44 +168,11 @@ def encode_captions(tokenizer: Any, text_encoder: Any, captions: list[str]) -> t
 # ----------------------------------------------------------------------------------------------
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not supported on every platform (e.g. Windows), hence best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if tmp.exists():
@@ -355,8 +322,8 @@ def cache_latents(
         "items": dict(sorted(index_items.items())),
     }
     index_path = cache_dir / INDEX_NAME
-    _atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=False) + "\n")
-    _fsync_dir(cache_dir)
+    atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=False) + "\n")
+    fsync_dir(cache_dir)
 
     # Only after the new index is durable: drop shards nothing points at (dead items, crash leftovers).
     used = {v["shard"] for v in index_items.values()}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from shoe_lora_pipeline.core.fsutil import file_sha256  # noqa: F401  (part of this module's API)
+
 # Suffixes we expect for photos. Informational only: kind "image" is "anything not caption/metadata".
 IMAGE_SUFFIXES = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 CAPTION_SUFFIXES = frozenset({"txt"})
@@ -41,15 +43,6 @@ class RawScan:
 
     def counts_by_kind(self) -> dict[str, int]:
         return {str(k): int(v) for k, v in self.manifest["kind"].value_counts().sort_index().items()}
-
-
-def file_sha256(path: Path | str) -> str:
-    """sha256 of a file, read in 1 MiB chunks (photos can be large; never load whole files)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def classify(name: str) -> tuple[str, str]:

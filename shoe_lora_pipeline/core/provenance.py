@@ -6,7 +6,6 @@ not a git checkout just leave the corresponding field ``None``.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import subprocess
 from collections.abc import Mapping
@@ -14,6 +13,8 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from shoe_lora_pipeline.core.fsutil import file_sha256  # noqa: F401  (part of this module's API)
 
 if TYPE_CHECKING:
     from shoe_lora_pipeline.core.config import PipelineConfig
@@ -38,15 +39,6 @@ _CHUNK = 1 << 20
 def utc_now_iso() -> str:
     """Current time in UTC, ISO 8601 with an explicit ``+00:00`` offset, second precision."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def file_sha256(path: Path | str) -> str:
-    """sha256 hex digest of a file, streamed in 1 MiB chunks (weights can be gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:

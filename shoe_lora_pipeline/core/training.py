@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from shoe_lora_pipeline.core import checkpoints as ckpt
 from shoe_lora_pipeline.core.captions import read_captions_json
+from shoe_lora_pipeline.core.fsutil import atomic_write_json
 from shoe_lora_pipeline.core.latents import (
     encode_captions,
     encode_images,
@@ -415,12 +416,6 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return torch.mps.driver_allocated_memory() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _tracker_config(cfg: Any) -> dict[str, Any]:
@@ -879,7 +874,7 @@ def train_lora(
             output_dir=output_dir,
             losses_csv=losses_csv,
         )
-        _write_json_atomic(output_dir / SUMMARY_NAME, result.summary())
+        atomic_write_json(output_dir / SUMMARY_NAME, result.summary(), default=str)
         log.write(
             f"done: step {global_step}/{tcfg.max_train_steps}, loss {result.final_loss}, "
             f"{result.seconds_per_step or 0:.2f} s/step, peak memory {result.peak_memory_mb or 0:.0f} MB"
@@ -955,5 +950,5 @@ def _skipped_result(
         losses_csv=losses_csv,
     )
     if not summary_path.is_file():
-        _write_json_atomic(summary_path, result.summary())
+        atomic_write_json(summary_path, result.summary(), default=str)
     return result
