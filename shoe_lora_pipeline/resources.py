@@ -23,7 +23,7 @@ from pydantic import Field, PrivateAttr
 
 from shoe_lora_pipeline.core.config import CONFIG_ENV_VAR, PipelineConfig, load_config
 from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
-from shoe_lora_pipeline.core.models import SDComponents, load_base_model
+from shoe_lora_pipeline.core.models import SDComponents, load_base_model, resolve_base_model
 
 
 class PipelineConfigResource(dg.ConfigurableResource):
@@ -68,13 +68,20 @@ class BaseModelResource(dg.ConfigurableResource):
         description="Where the built tiny-sd model is cached; empty = ~/.cache/shoe_lora_pipeline.",
     )
 
+    def _cache(self) -> Path | None:
+        return Path(self.cache_dir) if self.cache_dir else None
+
     def load(self, cfg: PipelineConfig, device: DeviceInfo) -> SDComponents:
         return load_base_model(
             cfg.training.base_model,
             revision=cfg.training.revision,
-            cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+            cache_dir=self._cache(),
             dtype=device.weight_dtype,
         )
+
+    def folder(self, cfg: PipelineConfig) -> Path:
+        """The base model's diffusers folder (built or found in the cache first)."""
+        return resolve_base_model(cfg.training.base_model, cfg.training.revision, self._cache())
 
 
 def default_resources() -> dict[str, Any]:

@@ -1,8 +1,6 @@
 """evaluation_report: base vs LoRA generations, metrics, product-photo QA and the recipe's checklist."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
-from pathlib import Path
-
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
@@ -10,7 +8,6 @@ from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.evaluation import evaluate
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import read_provenance
-from shoe_lora_pipeline.core.models import resolve_base_model
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 # The recipe's validation checklist (§7.4), one Dagster asset check each. The product-photo checks are
@@ -48,11 +45,7 @@ def evaluation_report(
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)
-    base_dir = resolve_base_model(
-        cfg.training.base_model,
-        cfg.training.revision,
-        Path(base_model.cache_dir) if base_model.cache_dir else None,
-    )
+    base_dir = base_model.folder(cfg)
     result = evaluate(
         lora=layout.final_pipeline_dir,
         base=base_dir,

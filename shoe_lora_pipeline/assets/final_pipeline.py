@@ -1,15 +1,12 @@
 """final_pipeline: the base model with the LoRA fused in, saved as a standalone diffusers pipeline."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
-from pathlib import Path
-
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata
 from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
-from shoe_lora_pipeline.core.models import resolve_base_model
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
@@ -26,11 +23,7 @@ def final_pipeline(
 ) -> dg.MaterializeResult:
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
-    base_dir = resolve_base_model(
-        cfg.training.base_model,
-        cfg.training.revision,
-        Path(base_model.cache_dir) if base_model.cache_dir else None,
-    )
+    base_dir = base_model.folder(cfg)
     lora_prov = read_provenance(layout.lora_weights_dir)
     out = fuse_lora_pipeline(
         base_dir,

@@ -1,8 +1,6 @@
 """lora_weights: the trained LoRA in PEFT, diffusers and kohya/A1111 formats, with provenance and a card."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
-from pathlib import Path
-
 import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
@@ -12,7 +10,6 @@ from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpo
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import LoraExportError, TrainingFacts, export_lora
 from shoe_lora_pipeline.core.manifest import manifest_hash
-from shoe_lora_pipeline.core.models import resolve_base_model
 from shoe_lora_pipeline.core.provenance import collect_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
@@ -61,7 +58,6 @@ def lora_weights(
             pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})
         ),
     )
-    cache_dir = Path(base_model.cache_dir) if base_model.cache_dir else None
     result = export_lora(
         ckpt.path,
         layout.lora_weights_dir,
@@ -70,7 +66,7 @@ def lora_weights(
         training=TrainingFacts.from_config(
             cfg, captions=train_captions, num_train_images=len(train_captions)
         ),
-        base_model_dir=resolve_base_model(cfg.training.base_model, cfg.training.revision, cache_dir),
+        base_model_dir=base_model.folder(cfg),
         training_output_dir=layout.training_dir,
     )
     for warning in result.warnings:
