@@ -43,6 +43,7 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
         "or the final_pipeline folder",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    parser.epilog = "For the Dagster materialisations that fed the LoRA, see `shoe-lora lineage`."
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -100,6 +101,136 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- lineage -------------------------------------------------------------------------------------------
+
+_LINEAGE_EPILOG = """\
+Reads the Dagster instance's event log directly (no daemon or webserver). Rows, in pipeline order: every
+upstream materialisation that fed the LoRA (raw manifest, cleaned images, captions, splits, latents,
+training), the LoRA itself, then the fused pipeline and evaluation report if they were materialised from
+this LoRA later. Which materialisation fed which is what Dagster recorded (its input event pointer, shown
+as "input pointer"), else the parent's latest materialisation before the child's ("latest before").
+
+The asset graph comes from shoe_lora_pipeline.definitions; if those cannot be loaded, or no longer contain
+the LoRA's asset, from the edges recorded in the instance (--graph chooses; the output says which).
+
+examples:
+  shoe-lora lineage --run 9b55636e-e12a-4bd5-90c6-a609bb10f0e2
+  shoe-lora lineage outputs/demo/casual_shoes/lora/lora_weights --json
+  shoe-lora lineage --run RUN_ID --category casual_shoes --dagster-home ~/.dagster_home
+"""
+
+
+def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _LINEAGE_EPILOG
+    parser.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        help="an exported file or folder (as for `audit`); its provenance's dagster_run_id is the run",
+    )
+    parser.add_argument("--run", metavar="RUN_ID", help="the Dagster run that materialised the LoRA")
+    parser.add_argument(
+        "--category",
+        help="the category whose LoRA to trace when the run trained several (default: all of them; for "
+        "PATH, the dataset named in its provenance)",
+    )
+    parser.add_argument(
+        "--dagster-home",
+        metavar="DIR",
+        type=Path,
+        help="the Dagster instance folder (default: $DAGSTER_HOME)",
+    )
+    parser.add_argument(
+        "--graph",
+        choices=["auto", "definitions", "instance"],
+        default="auto",
+        help="where the asset graph comes from (default: auto = definitions, else the instance's record)",
+    )
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+
+def _short(value: Any, limit: int = 16) -> str:
+    text = _cell(value)
+    if len(text) > limit and all(c in "0123456789abcdef" for c in text):
+        return text[:limit] + "…"
+    return text
+
+
+def format_lineage_table(lineage: Any) -> str:
+    """A header, one row per asset (asset, run, time, data/code version, link) with its identifying
+    metadata indented under it, then notes."""
+    head = ["#", "asset", "run id", "materialised (UTC)", "data version", "code", "link"]
+    rows = [
+        [
+            str(i),
+            r.asset_key,
+            r.run_id or "(none)",
+            r.timestamp or "-",
+            _short(r.data_version, 12),
+            _cell(r.code_version),
+            _cell(r.link),
+        ]
+        for i, r in enumerate(lineage.rows, 1)
+    ]
+    widths = [max(len(line[c]) for line in [head, *rows]) for c in range(len(head))]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(f"{cell:<{w}}" for cell, w in zip(cells, widths, strict=True)).rstrip()
+
+    graph = lineage.graph_source + (f" ({lineage.graph_note})" if lineage.graph_note else "")
+    facts = [
+        ("LoRA", lineage.lora_key),
+        ("run", lineage.run_id),
+        ("materialised", lineage.timestamp),
+        ("asset graph", graph),
+    ]
+    lines = [f"{k:<13} {v}" for k, v in facts] + ["", fmt(head)]
+    indent = " " * (widths[0] + 4)
+    for cells, r in zip(rows, lineage.rows, strict=True):
+        lines.append(fmt(cells))
+        lines += [f"{indent}{k}: {_short(v)}" for k, v in r.key_metadata.items()]
+    if lineage.notes:
+        lines += ["", "notes"] + [f"  - {n}" for n in lineage.notes]
+    return "\n".join(lines)
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Upstream (and downstream) materialisations of a LoRA, read from the Dagster instance."""
+    if (args.path is None) == (args.run is None):
+        return _error("lineage", "give either PATH (an exported file or folder) or --run RUN_ID")
+    run_id, prefer = args.run, None
+    if args.path is not None:
+        from shoe_lora_pipeline.core.lora_io import ProvenanceError, read_provenance
+
+        if not args.path.exists():
+            return _error("lineage", f"{args.path}: no such file or folder")
+        try:
+            provenance = read_provenance(args.path).get("provenance") or {}
+        except ProvenanceError as exc:
+            return _error("lineage", str(exc))
+        run_id, prefer = provenance.get("dagster_run_id"), provenance.get("dataset_name")
+        if not run_id:
+            return _error(
+                "lineage", f"{args.path}: its provenance has no dagster_run_id (exported outside Dagster?)"
+            )
+
+    from shoe_lora_pipeline import lineage as lin
+
+    try:
+        with lin.open_instance(args.dagster_home) as instance:
+            lineages = lin.run_lineages(
+                instance, str(run_id), category=args.category, prefer_category=prefer, graph_mode=args.graph
+            )
+    except lin.LineageError as exc:
+        return _error("lineage", str(exc))
+    if args.json:
+        print(json.dumps({"lineages": [x.to_json() for x in lineages]}, indent=2, default=str))
+    else:
+        print("\n\n".join(format_lineage_table(x) for x in lineages))
+    return EXIT_OK
+
+
 # -- registry ------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -107,6 +238,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         help="show the provenance and LoRA settings stored in an exported file or folder",
         add_arguments=_audit_arguments,
         run=cmd_audit,
+    ),
+    "lineage": Subcommand(
+        help="list the Dagster materialisations that fed a LoRA (by run id or exported file), in pipeline order",
+        add_arguments=_lineage_arguments,
+        run=cmd_lineage,
     ),
 }
 
