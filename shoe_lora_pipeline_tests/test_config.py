@@ -124,3 +124,9 @@ def test_training_hash_ignores_cadence_but_not_recipe(tmp_path: Path) -> None:
     assert a.training_hash() == b.training_hash()
     assert a.training_hash() != c.training_hash()
     assert a.training_hash() != d.training_hash()
+
+
+def test_unquoted_no_for_mixed_precision(tmp_path: Path) -> None:
+    cfg_path = _write(tmp_path, BASE + "  mixed_precision: no\n")
+    assert load_config(cfg_path).training.mixed_precision == "no"
+    assert load_config(cfg_path, overrides=["training.mixed_precision=no"]).training.mixed_precision == "no"

@@ -143,6 +143,12 @@ class TrainingConfig(_Strict):
     validation_guidance_scale: float = Field(7.5, ge=0.0)
     log_every_steps: int = Field(10, ge=1, description="Dagster progress line interval (optimizer steps).")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` as False; that is what the user meant.
+        return "no" if v is False else v
+
 
 class ExportConfig(_Strict):
     checkpoint_step: int | None = Field(
