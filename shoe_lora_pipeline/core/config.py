@@ -136,7 +136,6 @@ class TrainingConfig(_Strict):
     )
     cache_latents: bool = Field(True, description="Encode images/captions once before training.")
     latent_encoding_batch_size: int = Field(8, ge=1)
-    dataloader_num_workers: int = Field(0, ge=0)
     validation_prompts: list[str] = Field(default_factory=lambda: list(VALIDATION_PROMPTS))
     num_validation_images: int = Field(4, ge=1)
     validation_inference_steps: int = Field(30, ge=1)
@@ -303,7 +302,6 @@ class PipelineConfig(_Strict):
             "validation_inference_steps",
             "validation_guidance_scale",
             "output_dir",
-            "dataloader_num_workers",
             "latent_encoding_batch_size",
             # Recomputes activations, same numbers: toggling it must not throw away a run's checkpoints.
             "gradient_checkpointing",
