@@ -39,9 +39,9 @@ def listing_fingerprint(raw_dir: Path) -> str:
     return h.hexdigest()
 
 
-def last_trained_manifest(instance: dg.DagsterInstance, category: str) -> str | None:
+def last_trained_manifest(instance: dg.DagsterInstance, raw_images_key: dg.AssetKey) -> str | None:
     """The manifest hash (data version) of the category's last raw_images materialisation."""
-    event = instance.get_latest_materialization_event(dg.AssetKey([category, "raw_images"]))
+    event = instance.get_latest_materialization_event(raw_images_key)
     if event is None or event.asset_materialization is None:
         return None
     return (event.asset_materialization.tags or {}).get(DATA_VERSION_TAG)
@@ -50,6 +50,7 @@ def last_trained_manifest(instance: dg.DagsterInstance, category: str) -> str | 
 def build_automation(
     cfg: PipelineConfig,
 ) -> tuple[list[dg.UnresolvedAssetJobDefinition], list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
+    from shoe_lora_pipeline.assets._stage import stage_key
     from shoe_lora_pipeline.definitions import STAGE_NAMES
 
     retrain_job = dg.define_asset_job(
@@ -70,7 +71,11 @@ def build_automation(
         default_status=dg.DefaultScheduleStatus.STOPPED,
         description=f"retrain_job at '{cfg.automation.retrain_cron}' ({cfg.automation.timezone}).",
     )
+    primary = cfg.dataset.name
     categories = {name: cfg.for_category(name).dataset.raw_dir for name in cfg.category_names()}
+
+    def keys(category: str) -> list[dg.AssetKey]:
+        return [stage_key(stage, category, category == primary) for stage in STAGE_NAMES]
 
     @dg.sensor(
         name="new_photos_sensor",
@@ -89,13 +94,13 @@ def build_automation(
                 continue  # nothing on disk changed since the last tick: no file is read
             digest = manifest_hash(scan_raw_dir(raw_dir).manifest)
             cursor[category] = {"listing": listing, "manifest": digest}
-            if digest == last_trained_manifest(context.instance, category):
+            if digest == last_trained_manifest(context.instance, keys(category)[0]):
                 continue  # e.g. files touched, or already materialised by hand
             context.log.info(f"{category}: photos changed (manifest {digest[:12]}), requesting a run")
             requests.append(
                 dg.RunRequest(
                     run_key=f"{category}:{digest}",
-                    asset_selection=[dg.AssetKey([category, stage]) for stage in STAGE_NAMES],
+                    asset_selection=keys(category),
                     tags={"category": category, "trigger": "new_photos", "manifest_hash": digest},
                 )
             )

@@ -38,9 +38,11 @@ STAGES = [
 STAGE_NAMES = [fn.__name__ for fn in STAGES]
 
 
-def category_assets(category: str, stages: list[str] | None = None) -> list[dg.AssetsDefinition]:
-    """One category's chain of assets, keyed ``<category>/<stage>`` (all stages unless named)."""
-    return [build_stage(fn, category) for fn in STAGES if stages is None or fn.__name__ in stages]
+def category_assets(
+    category: str, stages: list[str] | None = None, primary: bool = True
+) -> list[dg.AssetsDefinition]:
+    """One category's chain of assets (all stages unless named); keys as in :mod:`assets._stage`."""
+    return [build_stage(fn, category, primary) for fn in STAGES if stages is None or fn.__name__ in stages]
 
 
 def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
@@ -49,7 +51,8 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     Raw folders are not required to exist here, so the UI loads and a run reports the missing folder.
     """
     cfg: PipelineConfig = load_config(config_path, check_paths=False)
-    assets = [a for name in cfg.category_names() for a in category_assets(name)]
+    first, *others = cfg.category_names()
+    assets = category_assets(first) + [a for name in others for a in category_assets(name, primary=False)]
     resources = default_resources()
     if config_path is not None:
         resources["pipeline_config"] = PipelineConfigResource(config_path=str(config_path))

@@ -68,7 +68,7 @@ def test_single_dataset_section_is_one_category() -> None:
     assert cfg.for_category("casual_shoes").dataset.output_dir == cfg.dataset.output_dir
     defs = build_definitions("configs/demo.yaml")
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == {f"casual_shoes/{s}" for s in STAGE_NAMES}
+    assert keys == set(STAGE_NAMES)  # unchanged asset keys for a single-category project
 
 
 def test_categories_get_their_own_chains_and_folders(tmp_path: Path) -> None:
@@ -84,6 +84,7 @@ def test_categories_get_their_own_chains_and_folders(tmp_path: Path) -> None:
     graph = build_definitions(cfg_path).resolve_asset_graph()
     parents = graph.get(dg.AssetKey(["boots", "cleaned_images"])).parent_keys
     assert parents == {dg.AssetKey(["boots", "raw_images"])}
+    assert graph.get(dg.AssetKey(["cleaned_images"])).parent_keys == {dg.AssetKey(["raw_images"])}
 
 
 def test_categories_must_not_share_output_folders(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_one_category_never_touches_another(tmp_path: Path) -> None:
     resources = {"pipeline_config": PipelineConfigResource(config_path=str(cfg_path))}
     assert dg.materialize(category_assets("casual_shoes", DATA_STAGES), resources=resources).success
     shoes_before = tree_digest(tmp_path / "out" / "casual_shoes")
-    result = dg.materialize(category_assets("boots", DATA_STAGES), resources=resources)
+    result = dg.materialize(category_assets("boots", DATA_STAGES, primary=False), resources=resources)
     assert result.success
     assert all(c.passed for c in result.get_asset_check_evaluations())
     assert tree_digest(tmp_path / "out" / "casual_shoes") == shoes_before
@@ -132,10 +133,9 @@ def test_sensor_launches_one_run_for_the_changed_category(tmp_path: Path) -> Non
     assert sorted(r.tags["category"] for r in first.run_requests) == ["boots", "casual_shoes"]
     # Train both (data stage is enough for the sensor's bookkeeping: raw_images' data version).
     resources = {"pipeline_config": PipelineConfigResource(config_path=str(cfg_path))}
-    for category in ("casual_shoes", "boots"):
-        assert dg.materialize(
-            category_assets(category, ["raw_images"]), resources=resources, instance=instance
-        ).success
+    for category, primary in (("casual_shoes", True), ("boots", False)):
+        assets = category_assets(category, ["raw_images"], primary=primary)
+        assert dg.materialize(assets, resources=resources, instance=instance).success
 
     # Nothing changed on disk: no request, and no file is read (listing fingerprint unchanged).
     second = tick(first.cursor)

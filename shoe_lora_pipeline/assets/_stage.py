@@ -1,9 +1,13 @@
 """How a stage function becomes one Dagster asset per product category.
 
 Each stage module defines its asset body once, decorated with :func:`stage` (which only records the
-asset's settings). :func:`build_stage` turns it into an asset keyed ``<category>/<stage name>`` whose
-dependencies are the same category's upstream stages, so every category is its own chain in the lineage
-graph, "Materialize all" trains every category, and a run for one category never touches another's files.
+asset's settings). :func:`build_stage` turns it into an asset whose dependencies are the same category's
+upstream stages, so every category is its own chain in the lineage graph, "Materialize all" trains every
+category, and a run for one category never touches another's files.
+
+Keys: the config's first category (the ``dataset:`` section) keeps the plain stage names
+(``raw_images``, ``lora_weights``, …), so a single-category project and its Dagster history stay exactly
+as they were; further categories are prefixed: ``boots/raw_images``.
 """
 
 from __future__ import annotations
@@ -53,12 +57,17 @@ def stage(
     return record
 
 
-def build_stage(fn: Callable[..., Any], category: str) -> dg.AssetsDefinition:
+def stage_key(stage_name: str, category: str, primary: bool) -> dg.AssetKey:
+    """``stage`` for the first (primary) category, ``category/stage`` for the others."""
+    return dg.AssetKey([stage_name] if primary else [category, stage_name])
+
+
+def build_stage(fn: Callable[..., Any], category: str, primary: bool) -> dg.AssetsDefinition:
     spec: StageSpec = fn.__stage__  # type: ignore[attr-defined]
-    key = dg.AssetKey([category, fn.__name__])
+    key = stage_key(fn.__name__, category, primary)
     return dg.asset(
         key=key,
-        deps=[dg.AssetKey([category, d]) for d in spec.deps],
+        deps=[stage_key(d, category, primary) for d in spec.deps],
         group_name=spec.group,
         description=spec.description,
         code_version=spec.code_version,
@@ -70,5 +79,5 @@ def build_stage(fn: Callable[..., Any], category: str) -> dg.AssetsDefinition:
 
 
 def category_of(context: dg.AssetExecutionContext) -> str:
-    """The product category an asset run is for: the first part of its key."""
-    return context.asset_key.path[0]
+    """The product category an asset run is for (recorded as the asset's ``category`` tag)."""
+    return context.assets_def.tags_by_key[context.asset_key]["category"]
