@@ -49,7 +49,8 @@ def _environment() -> dict[str, Any]:
     return {"package_versions": package_versions(), "git": git_info()}
 
 
-def _manifest_hash(cfg: PipelineConfig) -> str | None:
+def dataset_manifest_hash(cfg: PipelineConfig) -> str | None:
+    """Manifest hash of the category's last raw_images scan (None before the first one)."""
     from shoe_lora_pipeline.core.layout import Layout
 
     path = Layout.of(cfg).raw_manifest
@@ -77,7 +78,7 @@ def config_metadata(cfg: PipelineConfig, device: Any = None) -> dict[str, Any]:
         "git_commit": str(env["git"].get("commit") or "none"),
         "device": device.type if device is not None else "n/a",
     }
-    digest = _manifest_hash(cfg)
+    digest = dataset_manifest_hash(cfg)
     if digest:
         meta["dataset_manifest_hash"] = digest
     return meta

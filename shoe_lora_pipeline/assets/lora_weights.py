@@ -3,13 +3,12 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
+from shoe_lora_pipeline.assets._metadata import config_metadata, dataset_manifest_hash, md_table
 from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpoint
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import LoraExportError, TrainingFacts, export_lora
-from shoe_lora_pipeline.core.manifest import manifest_hash
 from shoe_lora_pipeline.core.provenance import collect_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
@@ -42,8 +41,6 @@ def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
 def lora_weights(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
-    import pandas as pd
-
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     ckpt = selected_checkpoint(cfg, layout)
@@ -54,9 +51,7 @@ def lora_weights(
         dagster_run_id=context.run.run_id,
         config=cfg,
         training_state=ckpt.state,
-        dataset_manifest_hash=manifest_hash(
-            pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})
-        ),
+        dataset_manifest_hash=dataset_manifest_hash(cfg),
     )
     result = export_lora(
         ckpt.path,
