@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +47,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a synced temporary sibling and ``os.replace``."""
+def atomic_write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` create a temporary sibling of ``path``, fsync it and ``os.replace`` it into place
+    (for writers that take a file name: safetensors, PIL, torch.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(Path(tmp))
+        fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -62,6 +65,37 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a synced temporary sibling and ``os.replace``."""
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def atomic_write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
     dumps_kwargs.setdefault("indent", 2)
     return atomic_write_text(path, json.dumps(data, **dumps_kwargs) + "\n")
+
+
+@contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old / out_dir.name, out_dir)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from shoe_lora_pipeline.core.captions import read_captions_json
-from shoe_lora_pipeline.core.fsutil import atomic_write_text, fsync_dir, fsync_file
+from shoe_lora_pipeline.core.fsutil import atomic_write_file, atomic_write_text, fsync_dir
 from shoe_lora_pipeline.core.manifest import file_sha256
 
 INDEX_NAME = "index.json"
@@ -164,23 +163,6 @@ def encode_captions(tokenizer: Any, text_encoder: Any, captions: list[str]) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# atomic file helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
-# ----------------------------------------------------------------------------------------------
 # the cache
 # ----------------------------------------------------------------------------------------------
 
@@ -225,6 +207,12 @@ def _shard_number(name: str) -> int | None:
         if core.isdigit():
             return int(core)
     return None
+
+
+def has_images(split_dir: Path) -> bool:
+    """Whether a split folder lists at least one image in its captions.json."""
+    path = Path(split_dir) / "captions.json"
+    return path.is_file() and bool(read_captions_json(path))
 
 
 def cache_latents(
@@ -291,8 +279,11 @@ def cache_latents(
                         tensors[f"{it['key']}/std"] = std[i].cpu()
                         tensors[f"{it['key']}/text"] = text[i].cpu()
                     latent_shape, embedding_shape = list(mean.shape[1:]), list(text.shape[1:])
-                _atomic_save_safetensors(
-                    tensors, cache_dir / shard_name, {"format": "pt", "version": str(INDEX_VERSION)}
+                contiguous = {k: v.contiguous() for k, v in tensors.items()}
+                meta = {"format": "pt", "version": str(INDEX_VERSION)}
+                atomic_write_file(
+                    cache_dir / shard_name,
+                    lambda tmp, t=contiguous, m=meta: save_file(t, str(tmp), metadata=m),
                 )
                 for it in shard_items:
                     new_entries[it["key"]] = {

@@ -20,19 +20,17 @@ Exports are written to a temporary sibling folder and swapped in, so a reader ne
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoe_lora_pipeline.core.fsutil import atomic_directory
 from shoe_lora_pipeline.core.model_card import (
     FRONT_MATTER_KEY,
     ModelCardError,
@@ -41,6 +39,7 @@ from shoe_lora_pipeline.core.model_card import (
     write_model_card,
 )
 from shoe_lora_pipeline.core.provenance import PROVENANCE_SCHEMA, collect_provenance, file_sha256, utc_now_iso
+from shoe_lora_pipeline.core.run_artifacts import latest_grid, loss_at_step
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +56,6 @@ VALIDATION_GRID_NAME = "validation_grid.png"
 META_PREFIX = "shoe_lora_"
 # The whole provenance record as JSON (exact types); the flat shoe_lora_* keys are for metadata viewers.
 META_PROVENANCE_KEY = META_PREFIX + "provenance"
-_GRID_RE = re.compile(r"grid_step(\d+)\.png$")
 
 
 class LoraExportError(RuntimeError):
@@ -412,66 +410,9 @@ def _save_peft_adapter(
             os.replace(Path(tmp) / name, out_dir / name)
 
 
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old is not None:
-                os.replace(old / out_dir.name, out_dir)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
-
-
-def _final_loss(losses_csv: Path, step: int | None) -> float | None:
-    """Loss of the last logged optimizer step at or before ``step``."""
-    if not losses_csv.is_file():
-        return None
-    loss = None
-    try:
-        with losses_csv.open(newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    s, v = int(float(row["step"])), float(row["loss"])
-                except (KeyError, TypeError, ValueError):
-                    continue
-                if step is None or s <= step:
-                    loss = v
-    except OSError:
-        return None
-    return loss
-
-
-def _latest_grid(validation_dir: Path, step: int | None) -> Path | None:
-    """The grid of the checkpoint's step, else the latest one before it (never one from after it)."""
-    if not validation_dir.is_dir():
-        return None
-    grids = []
-    for p in validation_dir.glob("grid_step*.png"):
-        m = _GRID_RE.search(p.name)
-        if m and (step is None or int(m.group(1)) <= step):
-            grids.append((int(m.group(1)), p))
-    return max(grids)[1] if grids else None
 
 
 # TrainingFacts fields that the trainer records in training_state.json's "training_config".
@@ -576,7 +517,7 @@ def export_lora(
         facts.final_loss = meta["loss"]
     for losses_csv in (checkpoint_dir / "losses.csv", training_output_dir / "losses.csv"):
         if facts.final_loss is None:
-            facts.final_loss = _final_loss(losses_csv, step)
+            facts.final_loss = loss_at_step(losses_csv, step)
     lora = {k: meta[k] for k in ("rank", "alpha", "dropout", "target_modules")}
     lora["scale"] = meta["alpha"] / meta["rank"]
     ours = provenance_metadata(prov, lora)
@@ -584,7 +525,7 @@ def export_lora(
     kohya_name = kohya_weights_name(dataset_name)
 
     out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp:
         # 1. PEFT adapter.
         _save_peft_adapter(peft_sd, lora_cfg, Path(base_model_dir) / "unet", tmp)
         _rewrite_safetensors_metadata(tmp / PEFT_WEIGHTS_NAME, ours)
@@ -613,7 +554,7 @@ def export_lora(
         save_file(kohya_sd, str(tmp / kohya_name), metadata=header)
 
         # 4. Validation grid of this step.
-        grid_src = _latest_grid(training_output_dir / "validation", step)
+        grid_src = latest_grid(training_output_dir, at_or_before=step)
         grid = None
         if grid_src is not None:
             grid = tmp / VALIDATION_GRID_NAME
@@ -729,7 +670,7 @@ def fuse_lora_pipeline(
     }
     if provenance:
         record["fuse"]["provenance"] = dict(provenance)
-    with _atomic_dir(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir)) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
