@@ -96,7 +96,8 @@ def make_train_dir(root: Path, n: int) -> Path:
 
 def run_variant(name: str, overrides: list[str], args: argparse.Namespace, work: Path) -> dict:
     from shoe_lora_pipeline.core.latents import cache_latents
-    from shoe_lora_pipeline.core.training import dataset_fingerprint, train_lora
+    from shoe_lora_pipeline.core.train_data import dataset_fingerprint
+    from shoe_lora_pipeline.core.training import train_lora
 
     cfg = load_config(
         REPO / "configs" / "casual_shoes_sd15.yaml",

@@ -22,7 +22,9 @@ from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
 from shoe_lora_pipeline.core.latents import cache_latents
 from shoe_lora_pipeline.core.models import SDComponents, load_base_model
-from shoe_lora_pipeline.core.training import TrainingResult, dataset_fingerprint, read_losses_csv, train_lora
+from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
+from shoe_lora_pipeline.core.train_data import dataset_fingerprint
+from shoe_lora_pipeline.core.training import TrainingResult, train_lora
 
 RESOLUTION = 128
 NUM_IMAGES = 6

@@ -32,8 +32,6 @@ EXPECTED_FILES = {
     "optimizer.bin",
     "scheduler.bin",
     "random_states_0.pkl",
-    "custom_checkpoint_0.pkl",
-    "custom_checkpoint_1.pkl",
     "losses.csv",
     "training_state.json",
 }
@@ -84,8 +82,9 @@ def test_checkpoint_layout_and_lora_only_weights(uninterrupted_run):
         "position",
         "training_config",
     } <= state.keys()
-    # 6 items, batch 2 -> 3 micro-batches per epoch; 8 steps x 2 micro-batches = 16 -> epoch 5, position 1
-    assert (state["epoch"], state["position"], state["micro_batches_per_epoch"]) == (5, 1, 3)
+    # 6 items, 4 samples per step: 8 steps = 32 samples -> the next sample is epoch 5 (0-based), position 2
+    assert (state["epoch"], state["position"]) == (5, 2)
+    assert (state["micro_batch_size"], state["num_processes"]) == (2, 1)
 
     with safe_open(str(ckpt_dir / ckpt.LORA_WEIGHTS_NAME), "pt") as f:
         keys = list(f.keys())
@@ -141,16 +140,15 @@ def test_compatibility_problems_name_what_differs():
 def test_exception_during_save_keeps_previous_checkpoint(tmp_path, load_components, dataset, monkeypatch):
     import accelerate.accelerator
 
-    real = accelerate.accelerator.save_custom_state
-    saves = []
+    real = accelerate.accelerator.save_accelerator_state
 
-    def fail_in_second_checkpoint(obj, path, *args, **kwargs):
-        saves.append(path)
-        if "checkpoint-4" in str(path):
+    def fail_in_second_checkpoint(output_dir, *args, **kwargs):
+        # The LoRA file is already written by then: the save fails halfway through.
+        if "checkpoint-4" in str(output_dir):
             raise OSError("No space left on device (simulated)")
-        return real(obj, path, *args, **kwargs)
+        return real(output_dir, *args, **kwargs)
 
-    monkeypatch.setattr(accelerate.accelerator, "save_custom_state", fail_in_second_checkpoint)
+    monkeypatch.setattr(accelerate.accelerator, "save_accelerator_state", fail_in_second_checkpoint)
     cfg = make_cfg(tmp_path, max_train_steps=4, checkpointing_steps=2)
     with pytest.raises(OSError, match="No space left"):
         run_training(cfg, load_components(), dataset)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from shoe_lora_pipeline.core.training import read_losses_csv
+from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
 
 pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
 from shoe_lora_pipeline_tests.conftest_training import make_cfg, run_training  # noqa: E402

@@ -1,4 +1,4 @@
-"""Resume: mid-epoch sampler position, bit-identical continuation, incompatible settings, skip when done."""
+"""Resume: bit-identical continuation mid-epoch, incompatible settings, skip when done, non-finite loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints
-from shoe_lora_pipeline.core.training import EpochSampler, TrainingError, read_losses_csv
+from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
+from shoe_lora_pipeline.core.training import TrainingError
 
 # conftest_training is a helper module with asserts and the fixtures' plugin: register it for assertion
 # rewriting before importing it (pytest's documented pattern for helper modules).
@@ -25,31 +26,6 @@ pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
 
 class _HardStop(Exception):
     """Stands in for a crash: raised from inside the loop, no clean shutdown."""
-
-
-def test_sampler_resumed_mid_epoch_yields_the_uninterrupted_sequence():
-    full = EpochSampler(num_items=7, batch_size=2, seed=3)
-    expected = [full.next_batch() for _ in range(15)]  # 4 micro-batches per epoch, last one of size 1
-
-    first = EpochSampler(num_items=7, batch_size=2, seed=3)
-    got = [first.next_batch() for _ in range(6)]  # stops in the middle of epoch 1
-    state = first.state_dict()
-    assert (state["epoch"], state["position"]) == (1, 2)
-    resumed = EpochSampler(num_items=7, batch_size=2, seed=3)
-    resumed.load_state_dict(state)
-    got += [resumed.next_batch() for _ in range(9)]
-
-    assert got == expected
-    # each epoch is a permutation: every item exactly once, and epochs are shuffled differently
-    epoch0 = sorted(i for e, b in expected if e == 0 for i in b)
-    assert epoch0 == list(range(7))
-    assert [b for e, b in expected if e == 0] != [b for e, b in expected if e == 1]
-
-
-def test_sampler_refuses_state_of_another_dataset():
-    state = EpochSampler(7, 2, 3).state_dict()
-    with pytest.raises(ValueError, match="num_items"):
-        EpochSampler(8, 2, 3).load_state_dict(state)
 
 
 def test_resume_after_hard_stop_is_bit_identical(tmp_path, load_components, dataset, uninterrupted_run):

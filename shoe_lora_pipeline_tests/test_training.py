@@ -11,7 +11,8 @@ from PIL import Image
 
 import shoe_lora_pipeline.core.training as training
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints
-from shoe_lora_pipeline.core.training import TrainingError, read_losses_csv, setup_lora_unet
+from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
+from shoe_lora_pipeline.core.training import TrainingError, setup_lora_unet
 
 pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
 from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
@@ -40,9 +41,9 @@ def test_accumulation_epochs_and_progress(tmp_path, load_components, dataset, op
     real_loss = training.diffusion_loss
     micro_batch_sizes: list[int] = []
 
-    def counting_loss(unet, scheduler, mean, *args, **kwargs):
-        micro_batch_sizes.append(mean.shape[0])
-        return real_loss(unet, scheduler, mean, *args, **kwargs)
+    def counting_loss(unet, scheduler, batch, *args, **kwargs):
+        micro_batch_sizes.append(len(batch))
+        return real_loss(unet, scheduler, batch, *args, **kwargs)
 
     monkeypatch.setattr(training, "diffusion_loss", counting_loss)
     progress: list[dict] = []
@@ -56,11 +57,11 @@ def test_accumulation_epochs_and_progress(tmp_path, load_components, dataset, op
     )
     result = run_training(cfg, load_components(), dataset, on_progress=progress.append)
 
-    # 6 images, batch 2 -> 3 micro-batches per epoch; 6 optimizer steps x 2 = 12 micro-batches = 4 epochs
+    # 6 images, 4 per optimizer step (2 micro-batches of 2): 6 steps = 24 samples = 4 epochs
     assert len(optimizer_steps) == 6
     assert micro_batch_sizes == [2] * 12
     rows = read_losses_csv(cfg.training.output_dir / "losses.csv")
-    assert [r["epoch"] for r in rows] == [1, 2, 2, 3, 4, 4]  # epoch of each step's last micro-batch
+    assert [r["epoch"] for r in rows] == [1, 2, 2, 3, 4, 4]  # epoch of each step's last sample
     assert result.global_step == 6 and result.images_per_second > 0 and result.peak_memory_mb > 0
     # a checkpoint per step, rotated down to the newest two
     assert [c.step for c in list_checkpoints(cfg.training.output_dir / "checkpoints")] == [5, 6]
@@ -68,11 +69,13 @@ def test_accumulation_epochs_and_progress(tmp_path, load_components, dataset, op
 
     log = result.log_path.read_text()
     for line in ("***** Running training *****", "Num examples = 6", "Num Epochs = 4",
-                 "Instantaneous batch size per device = 2", "Total train batch size (w. accumulation) = 4",
+                 "Instantaneous batch size per device = 2", "Total train batch size (w. parallel, distributed & accumulation) = 4",
                  "Gradient Accumulation steps = 2", "Total optimization steps = 6", "Trainable params = "):  # fmt: skip
         assert line in log
     step_lines = re.findall(
-        r"^Steps: (\d+)/6 \| [\d.]+ s/it \| ETA \d+:\d\d:\d\d \| epoch \d+ \| loss [\d.]+ \| lr [\d.e+-]+$",
+        r"^Steps: (\d+)/6 \| [\d.]+ s/it \| ETA \d+:\d\d:\d\d \| epoch \d+ \| loss [\d.]+ \| lr [\d.e+-]+ "
+        # throughput: images/s and the UNet's TFLOP/s (no MFU: a CPU has no entry in the peak table)
+        r"\| [\d.]+ img/s, [\d.]+ TFLOP/s$",
         log,
         re.M,
     )
@@ -231,3 +234,45 @@ def test_max_steps_this_run_stops_early_without_extra_checkpoint(tmp_path, load_
     result = run_training(cfg, load_components(), dataset, max_steps_this_run=1)
     assert (result.global_step, result.steps_this_run, result.checkpoint_dir) == (1, 1, None)
     assert not result.skipped and len(result.losses) == 1
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest ‖a − b‖ / ‖b‖ over the LoRA tensors."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+def test_micro_batch_size_does_not_change_the_lora(tmp_path, load_components, dataset):
+    # The effective batch (2 × 2 = 4 images per optimizer step) through the UNet 1, 2 or 4 at a time:
+    # every sample keeps its image, noise and timestep, so only the float summation order differs.
+    runs = {
+        micro: run_training(
+            make_cfg(tmp_path / f"micro{micro}", max_train_steps=3, micro_batch_size=micro),
+            load_components(),
+            dataset,
+        )
+        for micro in (1, 2, 4)
+    }
+    assert [(r.micro_batch_size, r.accumulation_steps) for r in runs.values()] == [(1, 4), (2, 2), (4, 1)]
+    reference = lora_tensors(runs[2].checkpoint_dir)
+    for micro in (1, 4):
+        assert relative_difference(lora_tensors(runs[micro].checkpoint_dir), reference) <= 1e-4, micro
+        assert [r["loss"] for r in runs[micro].losses] == pytest.approx(
+            [r["loss"] for r in runs[2].losses], rel=1e-5
+        )
+    # on the CPU "auto" keeps the recipe's micro-batch (train_batch_size)
+    assert (
+        run_training(
+            make_cfg(tmp_path / "auto", max_train_steps=1), load_components(), dataset
+        ).micro_batch_size
+        == 2
+    )
+
+
+def test_throughput_and_flops_are_reported(tmp_path, load_components, dataset):
+    result = run_training(make_cfg(tmp_path, max_train_steps=2), load_components(), dataset)
+    assert result.flops_per_image and result.flops_per_image > 1e6
+    assert result.tflops_per_second == pytest.approx(result.flops_per_image * result.images_per_second / 1e12)
+    assert result.mfu is None  # no CPU peak in the table: MFU omitted, never guessed
+    log = result.log_path.read_text()
+    assert "UNet FLOPs per training image = " in log and "attention processors: AttnProcessor2_0" in log

@@ -6,7 +6,8 @@ import dagster as dg
 from shoe_lora_pipeline.assets._metadata import config_metadata, thumbnail_md
 from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.training import dataset_fingerprint, train_lora
+from shoe_lora_pipeline.core.train_data import dataset_fingerprint
+from shoe_lora_pipeline.core.training import train_lora
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 
@@ -36,21 +37,20 @@ def lora_training(
         # One line every log_every_steps (no tqdm in the run log: it floods the UI).
         context.log.info(p["line"])
 
-    def on_validation(v: dict) -> None:
-        context.log.info(f"validation images for step {v['step']}: {v['grid_path']}")
-
+    # The training log's INFO lines (where the run starts, checkpoints, validation) reach the run log live.
     result = train_lora(
         cfg,
         components,
         device_info,
         train_dir=train_dir,
         latents_dir=layout.latents_dir if cfg.training.cache_latents else None,
+        val_dir=layout.split_dir("val"),
+        val_latents_dir=layout.val_latents_dir,
         output_dir=layout.training_dir,
         dataset_fingerprint=dataset_fingerprint(train_dir),
         on_progress=on_progress,
-        on_validation=on_validation,
+        echo=context.log.info,
     )
-    context.log.info(result.resume_note)
 
     metadata = {
         **config_metadata(cfg, device_info),
@@ -67,6 +67,16 @@ def lora_training(
         "wall_time_s": round(result.wall_time_s, 1),
         "seconds_per_step": result.seconds_per_step,
         "images_per_second": result.images_per_second,
+        "tflops_per_second": result.tflops_per_second,
+        "mfu": result.mfu,
+        "mfu_peak": result.mfu_peak,
+        "unet_gflops_per_image": result.flops_per_image / 1e9 if result.flops_per_image else None,
+        "micro_batch_size": result.micro_batch_size,
+        "accumulation_steps": result.accumulation_steps,
+        "num_processes": result.num_processes,
+        "gradient_checkpointing": result.gradient_checkpointing,
+        "val_loss": result.val_loss,
+        "best_val_step": result.best_val_step,
         "peak_memory_mb": result.peak_memory_mb,
         "device": dg.MetadataValue.json(device_info.as_metadata()),
         "checkpoint_dir": dg.MetadataValue.path(str(result.checkpoint_dir)),

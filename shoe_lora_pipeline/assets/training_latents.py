@@ -5,7 +5,7 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata
 from shoe_lora_pipeline.assets._stage import category_of, stage
-from shoe_lora_pipeline.core.latents import cache_latents
+from shoe_lora_pipeline.core.latents import cache_latents, has_images
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
@@ -15,9 +15,10 @@ from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, Pipe
     deps=("dataset_splits",),
     kinds={"pytorch", "safetensors"},
     pool="gpu",
-    description="VAE latent_dist mean/std and CLIP text embeddings for every train image, as safetensors "
-    "shards keyed by base model, image hash, caption and resolution: unchanged items are never re-encoded, "
-    "and training no longer needs the VAE encoder or the text encoder in memory.",
+    description="VAE latent_dist mean/std and CLIP text embeddings for every train image (and every val "
+    "image, for the validation loss), as safetensors shards keyed by base model, image hash, caption and "
+    "resolution: unchanged items are never re-encoded, and training no longer needs the VAE encoder or the "
+    "text encoder in memory.",
 )
 def training_latents(
     context: dg.AssetExecutionContext,
@@ -33,15 +34,18 @@ def training_latents(
         return dg.MaterializeResult(metadata={**config_metadata(cfg, device_info), "cache_latents": False})
 
     components = base_model.load(cfg, device_info)
-    report = cache_latents(
-        components,
-        layout.split_dir("train"),
-        layout.latents_dir,
-        resolution=cfg.dataset.resolution,
-        batch_size=cfg.training.latent_encoding_batch_size,
-        device=device_info.torch_device,
-        dtype=device_info.weight_dtype,
-    )
+    encode = {
+        "resolution": cfg.dataset.resolution,
+        "batch_size": cfg.training.latent_encoding_batch_size,
+        "device": device_info.torch_device,
+        "dtype": device_info.weight_dtype,
+    }
+    report = cache_latents(components, layout.split_dir("train"), layout.latents_dir, **encode)
+    val_items = 0
+    if has_images(layout.split_dir("val")):
+        val_items = cache_latents(components, layout.split_dir("val"), layout.val_latents_dir, **encode).total
+    else:
+        context.log.info("the val split is empty: training will report no validation loss")
     for note in report.notes:
         context.log.info(note)
     return dg.MaterializeResult(
@@ -49,6 +53,7 @@ def training_latents(
             **config_metadata(cfg, device_info),
             "cache_latents": True,
             "items": report.total,
+            "val_items": val_items,
             "computed_this_run": report.computed,
             "reused": report.reused,
             "removed": report.removed,

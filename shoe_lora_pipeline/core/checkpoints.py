@@ -6,12 +6,14 @@ A checkpoint is a folder ``{output_dir}/checkpoints/checkpoint-N/`` (N = optimiz
                                       with the peft LoraConfig (r, lora_alpha, …) as safetensors metadata
     optimizer.bin                     AdamW state (accelerate)
     scheduler.bin                     LR scheduler state (accelerate)
-    random_states_0.pkl               python / numpy / torch CPU / CUDA RNG + accelerate's micro-step counter
+    random_states_0.pkl               python / numpy / torch CPU / CUDA RNG (one file per process)
     scaler.pt                         only with fp16 mixed precision (GradScaler)
-    custom_checkpoint_0.pkl           sampler position (epoch, micro-batch index within it)
-    custom_checkpoint_1.pkl           the run's own torch.Generator state (+ MPS RNG when present)
     losses.csv                        the per-step log up to N (rewritten into the run folder on resume)
-    training_state.json               written last: global_step, epoch, position, hashes, base model, LoRA
+    validation_loss.csv               the validation losses up to N (likewise), when measured
+    training_state.json               written last: global_step, epoch, micro-batch, hashes, base model, LoRA
+
+No sampler or noise-generator state is needed: every sample's image and random draws are functions of
+(seed, step, position) (``core/train_data.py``), so the step number alone says where the data stream is.
 
 The UNet's frozen weights are never written (a save-state pre-hook removes them and writes the LoRA file
 instead) and the LoRA weights are loaded back by a load-state pre-hook: the reference trainer lost them on
@@ -33,14 +35,17 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shoe_lora_pipeline.core.fsutil import fsync_dir
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+from shoe_lora_pipeline.core.fsutil import atomic_write_json, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +111,26 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
 def newest_checkpoint(root: Path) -> CheckpointInfo | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def loading_problem(path: Path) -> str | None:
+    """Why a complete-looking checkpoint would not load (truncated or missing files); None when it will."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / LORA_WEIGHTS_NAME), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types for a truncated file
+        return f"{LORA_WEIGHTS_NAME} does not load ({type(exc).__name__}: {exc})"
+    for name in ("optimizer.bin", "scheduler.bin"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        try:
+            torch.load(path / name, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated pickle raises EOFError, UnpicklingError or RuntimeError
+            return f"{name} does not load ({type(exc).__name__}: {exc})"
+    return None
 
 
 def clean_stale_tmp(root: Path) -> list[str]:
@@ -180,7 +205,7 @@ def load_lora_weights_into(unet: torch.nn.Module, directory: Path) -> None:
         raise RuntimeError(f"LoRA weights in {directory} lack tensors for the adapter: {missing[:5]}")
 
 
-def register_lora_hooks(accelerator: Any, unet: torch.nn.Module) -> None:
+def register_lora_hooks(accelerator: Accelerator, unet: torch.nn.Module) -> None:
     """Make ``accelerator.save_state``/``load_state`` write and read only the LoRA weights of ``unet``."""
 
     def is_ours(model: torch.nn.Module) -> bool:
@@ -217,12 +242,8 @@ def _fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-
-
 def save_checkpoint(
-    accelerator: Any,
+    accelerator: Accelerator,
     root: Path,
     step: int,
     state: dict[str, Any],
@@ -242,8 +263,11 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
         if write_extra is not None:
             write_extra(tmp)
-        _write_json(
-            tmp / STATE_NAME, {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()}
+        atomic_write_json(
+            tmp / STATE_NAME,
+            {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()},
+            sort_keys=True,
+            default=str,
         )
         _fsync_tree(tmp)
     except BaseException:
@@ -264,16 +288,18 @@ def save_checkpoint(
     return final
 
 
-def rotate_checkpoints(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (by step); returns the deleted folders."""
+def rotate_checkpoints(root: Path, keep: int, protect: Iterable[int] = ()) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (by step), never one whose step is in
+    ``protect`` (the best validation loss); returns the deleted folders."""
     ckpts = list_checkpoints(root)
-    doomed = [c.path for c in ckpts[: max(0, len(ckpts) - keep)]]
+    protected = set(protect)
+    doomed = [c.path for c in ckpts[: max(0, len(ckpts) - keep)] if c.step not in protected]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
-def load_checkpoint(accelerator: Any, ckpt: CheckpointInfo) -> None:
+def load_checkpoint(accelerator: Accelerator, ckpt: CheckpointInfo) -> None:
     """Restore LoRA weights, optimizer, scheduler, RNG and registered objects from ``ckpt``."""
     accelerator.load_state(str(ckpt.path))
 
@@ -357,3 +383,72 @@ def supersede_checkpoints(root: Path, old_training_hash: str | None, extra: list
         os.replace(p, target / p.name)
     fsync_dir(root)
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# where a run starts: resume, skip or fresh
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StartDecision:
+    resume_from: CheckpointInfo | None  # the checkpoint to continue from (None: fresh start)
+    note: str  # one line for the log and the Dagster metadata
+    log_lines: list[str]  # what was cleaned up or set aside on the way, in order
+    superseded: bool = False  # the settings changed: old checkpoints were moved aside
+    complete: bool = False  # the checkpoint is already at max_train_steps: nothing to train
+
+
+def _set_aside_broken(info: CheckpointInfo) -> Path:
+    """Move a checkpoint that does not load to ``broken-checkpoint-N`` (kept for inspection, never loaded)."""
+    target = info.path.with_name(f"broken-{info.path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = info.path.with_name(f"broken-{info.path.name}-{n}")
+    os.replace(info.path, target)
+    fsync_dir(info.path.parent)
+    return target
+
+
+def decide_start(
+    root: Path,
+    current: dict[str, Any],
+    *,
+    max_train_steps: int,
+    explain: Callable[[dict[str, Any] | None], list[str]] | None = None,
+    superseded_outputs: list[Path] = (),
+) -> StartDecision:
+    """Resume from the newest checkpoint that loads and matches ``current`` (training hash, dataset, base
+    model); skip when it is already complete; otherwise start fresh, moving old checkpoints (and
+    ``superseded_outputs``) aside. A newest checkpoint whose files do not load is set aside with a warning
+    and the previous complete one is used."""
+    root = Path(root)
+    lines = [f"checkpoints: {action}" for action in clean_stale_tmp(root)]
+    newest = None
+    for info in reversed(list_checkpoints(root)):
+        problem = loading_problem(info.path)
+        if problem is None:
+            newest = info
+            break
+        moved = _set_aside_broken(info)
+        lines.append(
+            f"warning: checkpoint {info.path.name} does not load ({problem}); moved to {moved.name}, "
+            "trying the previous checkpoint"
+        )
+    if newest is None:
+        return StartDecision(None, f"fresh start: no loadable checkpoint in {root}", lines)
+    if problems := compatibility_problems(newest.state, current, explain=explain):
+        moved = supersede_checkpoints(root, newest.state.get("training_hash"), extra=list(superseded_outputs))
+        note = (
+            f"fresh start: newest checkpoint {newest.path.name} does not match this run: "
+            + " | ".join(problems)
+            + (f"; old checkpoints and outputs moved to {moved}" if moved else "")
+        )
+        return StartDecision(None, note, lines, superseded=True)
+    if newest.step >= max_train_steps:
+        note = f"skipped: {newest.path.name} is already at max_train_steps={max_train_steps}"
+        return StartDecision(newest, note, lines, complete=True)
+    return StartDecision(
+        newest, f"resumed from {newest.path.name} (step {newest.step} of {max_train_steps})", lines
+    )

@@ -106,12 +106,31 @@ class DatasetConfig(_Strict):
         return self.styles_csv if self.styles_csv is not None else self.raw_dir / "styles.csv"
 
 
+class SpeedConfig(_Strict):
+    """CUDA throughput levers (CPU and MPS run the recipe as written). None of them changes the maths of a
+    step beyond float rounding, so none is part of the training hash: switching one keeps the checkpoints."""
+
+    tf32: bool = Field(True, description="Allow TF32 tensor-core matmuls in fp32 mode.")
+    sdpa: bool = Field(True, description="PyTorch scaled_dot_product_attention (AttnProcessor2_0).")
+    channels_last: bool = Field(True, description="channels_last memory format for the UNet's convolutions.")
+    compile: bool = Field(False, description="torch.compile the UNet's blocks one by one (regional).")
+    fused_optimizer: bool = Field(True, description="AdamW's fused CUDA kernel.")
+    data_on_device: bool = Field(True, description="Keep the whole latent + text-embedding cache on the GPU.")
+
+
 class TrainingConfig(_Strict):
     base_model: str = Field("tiny-sd", description="'tiny-sd', a Hugging Face hub id, or a local folder.")
     revision: str | None = Field(None, description="Hub revision (commit/tag) of base_model.")
     output_dir: Path
+    # train_batch_size × gradient_accumulation_steps is the effective batch (images per optimizer step);
+    # micro_batch_size only says how many of them go through the UNet at once.
     train_batch_size: int = Field(2, ge=1)
     gradient_accumulation_steps: int = Field(8, ge=1)
+    micro_batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Images per forward pass; 'auto' = the largest that fits on CUDA, train_batch_size on "
+        "CPU/MPS. Must divide the effective batch. Does not change the maths of a step.",
+    )
     max_train_steps: int = Field(3000, ge=1)
     learning_rate: float = Field(1e-4, gt=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -125,7 +144,9 @@ class TrainingConfig(_Strict):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0.0)
     gradient_clipping: float = Field(1.0, gt=0.0)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        True, description="Recompute activations in the backward pass; 'auto' = only where needed to fit."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     validation_steps: int = Field(500, ge=1)
     checkpointing_steps: int = Field(500, ge=1)
@@ -141,6 +162,31 @@ class TrainingConfig(_Strict):
     validation_inference_steps: int = Field(30, ge=1)
     validation_guidance_scale: float = Field(7.5, ge=0.0)
     log_every_steps: int = Field(10, ge=1, description="Dagster progress line interval (optimizer steps).")
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR-γ loss weighting (5.0 is usual); null = off (the recipe)."
+    )
+    noise_offset: float = Field(
+        0.0, ge=0.0, description="Per-channel offset noise (0.05-0.1 usual) for pure white backgrounds."
+    )
+    input_perturbation: float = Field(0.0, ge=0.0, description="Input perturbation of the noise (0.1 usual).")
+    caption_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability a sample trains with the empty caption."
+    )
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.train_batch_size * self.gradient_accumulation_steps
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> TrainingConfig:
+        micro = self.micro_batch_size
+        if isinstance(micro, int) and (micro < 1 or self.effective_batch_size % micro):
+            raise ValueError(
+                f"micro_batch_size {micro} must divide the effective batch train_batch_size × "
+                f"gradient_accumulation_steps = {self.effective_batch_size}"
+            )
+        return self
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -305,8 +351,15 @@ class PipelineConfig(_Strict):
             "latent_encoding_batch_size",
             # Recomputes activations, same numbers: toggling it must not throw away a run's checkpoints.
             "gradient_checkpointing",
+            # How the effective batch is cut into micro-batches, and the CUDA levers, change only the float
+            # summation order; the effective batch itself is hashed below.
+            "micro_batch_size",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "speed",
         }
         payload = self.training.model_dump(mode="json", exclude=cadence)
+        payload["effective_batch_size"] = self.training.effective_batch_size
         payload["resolution"] = self.dataset.resolution
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

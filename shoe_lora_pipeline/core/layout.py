@@ -49,6 +49,11 @@ class Layout:
         return self.training_dir / "latent_cache"
 
     @property
+    def val_latents_dir(self) -> Path:
+        """The held-out ``val`` split's latents (for the validation loss during training)."""
+        return self.training_dir / "latent_cache_val"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.training_dir / "checkpoints"
 
