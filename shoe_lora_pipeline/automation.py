@@ -16,10 +16,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets import category_keys
 from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
-
-DATA_VERSION_TAG = "dagster/data_version"
+from shoe_lora_pipeline.lineage import DATA_VERSION_TAG
 
 
 def listing_fingerprint(raw_dir: Path) -> str:
@@ -50,9 +50,6 @@ def last_trained_manifest(instance: dg.DagsterInstance, raw_images_key: dg.Asset
 def build_automation(
     cfg: PipelineConfig,
 ) -> tuple[list[dg.UnresolvedAssetJobDefinition], list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
-    from shoe_lora_pipeline.assets._stage import stage_key
-    from shoe_lora_pipeline.definitions import STAGE_NAMES
-
     retrain_job = dg.define_asset_job(
         "retrain_job",
         selection=dg.AssetSelection.all(),
@@ -73,9 +70,7 @@ def build_automation(
     )
     primary = cfg.dataset.name
     categories = {name: cfg.for_category(name).dataset.raw_dir for name in cfg.category_names()}
-
-    def keys(category: str) -> list[dg.AssetKey]:
-        return [stage_key(stage, category, category == primary) for stage in STAGE_NAMES]
+    chains = {name: category_keys(name, primary=name == primary) for name in categories}
 
     @dg.sensor(
         name="new_photos_sensor",
@@ -94,13 +89,13 @@ def build_automation(
                 continue  # nothing on disk changed since the last tick: no file is read
             digest = manifest_hash(scan_raw_dir(raw_dir).manifest)
             cursor[category] = {"listing": listing, "manifest": digest}
-            if digest == last_trained_manifest(context.instance, keys(category)[0]):
+            if digest == last_trained_manifest(context.instance, chains[category][0]):
                 continue  # e.g. files touched, or already materialised by hand
             context.log.info(f"{category}: photos changed (manifest {digest[:12]}), requesting a run")
             requests.append(
                 dg.RunRequest(
                     run_key=f"{category}:{digest}",
-                    asset_selection=keys(category),
+                    asset_selection=chains[category],
                     tags={"category": category, "trigger": "new_photos", "manifest_hash": digest},
                 )
             )

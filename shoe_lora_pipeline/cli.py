@@ -13,7 +13,10 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shoe_lora_pipeline.lineage import Lineage
 
 PROG = "shoe-lora"
 EXIT_OK = 0
@@ -104,14 +107,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # -- lineage -------------------------------------------------------------------------------------------
 
 _LINEAGE_EPILOG = """\
-Reads the Dagster instance's event log directly (no daemon or webserver). Rows, in pipeline order: every
-upstream materialisation that fed the LoRA (raw manifest, cleaned images, captions, splits, latents,
-training), the LoRA itself, then the fused pipeline and evaluation report if they were materialised from
-this LoRA later. Which materialisation fed which is what Dagster recorded (its input event pointer, shown
-as "input pointer"), else the parent's latest materialisation before the child's ("latest before").
+Reads the Dagster instance's event log directly (no daemon or webserver). Rows, in pipeline order, each
+with its role: every upstream materialisation that fed the LoRA (raw manifest, cleaned images, captions,
+splits, latents, training), the LoRA itself, then the downstream ones built from it later (fused pipeline,
+evaluation report). The link column says how a row is tied to its neighbour on the way to the LoRA:
+"recorded" when Dagster recorded which materialisation the next step read, else "latest before" (the
+latest materialisation before the one that used it).
 
-The asset graph comes from shoe_lora_pipeline.definitions; if those cannot be loaded, or no longer contain
-the LoRA's asset, from the edges recorded in the instance (--graph chooses; the output says which).
+The asset graph comes from the project's Dagster definitions; if those cannot be loaded, or no longer
+contain the LoRA's asset, from the edges recorded in the instance (--graph chooses; the output says which).
 
 examples:
   shoe-lora lineage --run 9b55636e-e12a-4bd5-90c6-a609bb10f0e2
@@ -157,19 +161,22 @@ def _short(value: Any, limit: int = 16) -> str:
     return text
 
 
-def format_lineage_table(lineage: Any) -> str:
-    """A header, one row per asset (asset, run, time, data/code version, link) with its identifying
-    metadata indented under it, then notes."""
-    head = ["#", "asset", "run id", "materialised (UTC)", "data version", "code", "link"]
+def format_lineage_table(lineage: Lineage) -> str:
+    """A header, one row per asset (role, asset, run, time, data/code version, link) with its identifying
+    metadata indented under it, a legend, then notes."""
+    from shoe_lora_pipeline.lineage import GRAPH_SOURCES, LINK_TARGET, ROLE_LABELS
+
+    head = ["#", "role", "asset", "run id", "materialised (UTC)", "data version", "code", "link"]
     rows = [
         [
             str(i),
+            ROLE_LABELS.get(r.role, r.role),
             r.asset_key,
             r.run_id or "(none)",
             r.timestamp or "-",
             _short(r.data_version, 12),
             _cell(r.code_version),
-            _cell(r.link),
+            "-" if r.link == LINK_TARGET else _cell(r.link),
         ]
         for i, r in enumerate(lineage.rows, 1)
     ]
@@ -178,18 +185,24 @@ def format_lineage_table(lineage: Any) -> str:
     def fmt(cells: list[str]) -> str:
         return "  ".join(f"{cell:<{w}}" for cell, w in zip(cells, widths, strict=True)).rstrip()
 
-    graph = lineage.graph_source + (f" ({lineage.graph_note})" if lineage.graph_note else "")
+    graph = GRAPH_SOURCES.get(lineage.graph_source, lineage.graph_source)
     facts = [
         ("LoRA", lineage.lora_key),
         ("run", lineage.run_id),
         ("materialised", lineage.timestamp),
-        ("asset graph", graph),
+        ("graph from", graph + (f" ({lineage.graph_note})" if lineage.graph_note else "")),
     ]
     lines = [f"{k:<13} {v}" for k, v in facts] + ["", fmt(head)]
     indent = " " * (widths[0] + 4)
     for cells, r in zip(rows, lineage.rows, strict=True):
         lines.append(fmt(cells))
         lines += [f"{indent}{k}: {_short(v)}" for k, v in r.key_metadata.items()]
+    lines += [
+        "",
+        "upstream = fed the LoRA, downstream = built from it. link, to the neighbour towards the LoRA:",
+        "recorded = Dagster recorded which materialisation was read; latest before = no record, so the",
+        "latest one before the reader.",
+    ]
     if lineage.notes:
         lines += ["", "notes"] + [f"  - {n}" for n in lineage.notes]
     return "\n".join(lines)

@@ -1,5 +1,10 @@
 """The Dagster code location: every stage of every product category, the jobs, schedule, sensor and
-resources, assembled here."""
+resources.
+
+``defs`` is a ``@dg.definitions`` function, so importing this module reads no config file: Dagster
+(``dagster dev``, ``dagster asset materialize -m shoe_lora_pipeline.definitions``, ``workspace.yaml``)
+calls it when it loads the code location. Tests call :func:`build_definitions` with their own config.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +12,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets import (
-    captions,
-    cleaned_images,
-    dataset_splits,
-    evaluation_report,
-    final_pipeline,
-    lora_training,
-    lora_weights,
-    raw_images,
-    training_latents,
-)
-from shoe_lora_pipeline.assets._stage import build_stage
+from shoe_lora_pipeline.assets import STAGE_NAMES, STAGES, category_assets
 from shoe_lora_pipeline.automation import build_automation
-from shoe_lora_pipeline.core.config import PipelineConfig, load_config
+from shoe_lora_pipeline.core.config import load_config
 from shoe_lora_pipeline.resources import PipelineConfigResource, default_resources
 
-# The stages in pipeline order: raw photos → dataset → training → export → evaluation.
-STAGES = [
-    raw_images.raw_images,
-    cleaned_images.cleaned_images,
-    captions.captions,
-    dataset_splits.dataset_splits,
-    training_latents.training_latents,
-    lora_training.lora_training,
-    lora_weights.lora_weights,
-    final_pipeline.final_pipeline,
-    evaluation_report.evaluation_report,
-]
-STAGE_NAMES = [fn.__name__ for fn in STAGES]
-
-
-def category_assets(
-    category: str, stages: list[str] | None = None, primary: bool = True
-) -> list[dg.AssetsDefinition]:
-    """One category's chain of assets (all stages unless named); keys as in :mod:`assets._stage`."""
-    return [build_stage(fn, category, primary) for fn in STAGES if stages is None or fn.__name__ in stages]
+__all__ = ["STAGES", "STAGE_NAMES", "build_definitions", "category_assets", "defs"]
 
 
 def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
@@ -50,7 +25,7 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
 
     Raw folders are not required to exist here, so the UI loads and a run reports the missing folder.
     """
-    cfg: PipelineConfig = load_config(config_path, check_paths=False)
+    cfg = load_config(config_path, check_paths=False)
     first, *others = cfg.category_names()
     assets = category_assets(first) + [a for name in others for a in category_assets(name, primary=False)]
     resources = default_resources()
@@ -60,4 +35,7 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=sensors, resources=resources)
 
 
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """What Dagster loads: the categories of $SHOE_LORA_CONFIG (default configs/demo.yaml)."""
+    return build_definitions()

@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import dagster as dg
 
 LORA_ASSET_NAME = "lora_weights"
+# Tags Dagster writes on every materialisation (the sensor in automation.py reads the data version too).
 DATA_VERSION_TAG = "dagster/data_version"
 CODE_VERSION_TAG = "dagster/code_version"
 _PAGE = 100
@@ -86,12 +87,26 @@ class LineageError(Exception):
     """A lineage cannot be produced; the message names the run, asset or folder at fault."""
 
 
+# A metadata value as JSON: what :func:`plain_metadata` keeps of Dagster's scalar and path values.
+JsonScalar = str | int | float | bool | None
+
+
+class AssetNodeLike(Protocol):
+    """One asset in an asset graph: its parents and children."""
+
+    @property
+    def parent_keys(self) -> Set[dg.AssetKey]: ...
+
+    @property
+    def child_keys(self) -> Set[dg.AssetKey]: ...
+
+
 class AssetGraphLike(Protocol):
     """What the lineage needs of an asset graph (Dagster's ``BaseAssetGraph`` satisfies it)."""
 
     def has(self, asset_key: dg.AssetKey) -> bool: ...
 
-    def get(self, asset_key: dg.AssetKey) -> Any: ...  # .parent_keys, .child_keys
+    def get(self, asset_key: dg.AssetKey) -> AssetNodeLike: ...
 
 
 # -- instance ------------------------------------------------------------------------------------------
@@ -136,14 +151,16 @@ def open_instance(dagster_home: str | Path | None = None) -> Iterator[dg.Dagster
         instance.dispose()
 
 
-def _fetch_one(instance: dg.DagsterInstance, records_filter: dg.AssetRecordsFilter) -> Any:
+def _fetch_one(
+    instance: dg.DagsterInstance, records_filter: dg.AssetRecordsFilter
+) -> dg.EventLogRecord | None:
     records = instance.fetch_materializations(records_filter, limit=1).records
     return records[0] if records else None
 
 
 def _iter_materializations(
     instance: dg.DagsterInstance, records_filter: dg.AssetRecordsFilter, ascending: bool = False
-) -> Iterator[Any]:
+) -> Iterator[dg.EventLogRecord]:
     cursor = None
     while True:
         result = instance.fetch_materializations(
@@ -155,15 +172,17 @@ def _iter_materializations(
         cursor = result.cursor
 
 
-def _tags(record: Any) -> Mapping[str, str]:
+def _tags(record: dg.EventLogRecord) -> Mapping[str, str]:
     return record.asset_materialization.tags or {}
 
 
-def _provenance(record: Any) -> dg.DataProvenance | None:
+def _provenance(record: dg.EventLogRecord) -> dg.DataProvenance | None:
     return dg.DataProvenance.from_tags(_tags(record))
 
 
-def _in_run(instance: dg.DagsterInstance, run_record: Any, keys: Iterable[dg.AssetKey]) -> list[Any]:
+def _in_run(
+    instance: dg.DagsterInstance, run_record: dg.RunRecord, keys: Iterable[dg.AssetKey]
+) -> list[dg.EventLogRecord]:
     """The latest materialisation of each of ``keys`` made by the run (public API only: each key's
     materialisations in the run's time window, filtered by run id)."""
     run_id = run_record.dagster_run.run_id
@@ -182,7 +201,7 @@ def _in_run(instance: dg.DagsterInstance, run_record: Any, keys: Iterable[dg.Ass
 
 def find_lora_materializations(
     instance: dg.DagsterInstance, run_id: str, category: str | None = None, prefer_category: str | None = None
-) -> list[Any]:
+) -> list[dg.EventLogRecord]:
     """The ``…/lora_weights`` materialisations of a run (latest per key): only ``category``'s if given
     (an error if the run has none); ``prefer_category``'s if the run has several and one is that."""
     run_record = instance.get_run_record_by_id(run_id)
@@ -262,7 +281,7 @@ def load_definitions_graph() -> AssetGraphLike:
     """The asset graph of the project's code location (imports the definitions: slow, may fail)."""
     from shoe_lora_pipeline.definitions import defs
 
-    return defs.resolve_asset_graph()
+    return defs().resolve_asset_graph()
 
 
 @dataclass(frozen=True)
@@ -310,7 +329,7 @@ def utc_iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: dg.MetadataValue) -> JsonScalar:
     if isinstance(value, dg.PathMetadataValue):
         return str(value.path)
     if isinstance(value, dg.UrlMetadataValue):
@@ -321,14 +340,14 @@ def _plain(value: Any) -> Any:
     return raw
 
 
-def plain_metadata(record: Any) -> dict[str, Any]:
+def plain_metadata(record: dg.EventLogRecord) -> dict[str, JsonScalar]:
     """The scalar and path metadata of a materialisation as JSON values (markdown, JSON blobs, tables
     and images are left out: they describe, they do not identify)."""
     meta = record.asset_materialization.metadata or {}
     return {k: _plain(v) for k, v in meta.items() if isinstance(v, _PLAIN_METADATA)}
 
 
-def key_metadata(record: Any) -> dict[str, Any]:
+def key_metadata(record: dg.EventLogRecord) -> dict[str, JsonScalar]:
     """The identifying subset shown in the table: :data:`KEY_METADATA` in that order, then paths."""
     meta = record.asset_materialization.metadata or {}
     out = {k: _plain(meta[k]) for k in KEY_METADATA if k in meta and isinstance(meta[k], _PLAIN_METADATA)}
@@ -340,9 +359,18 @@ def key_metadata(record: Any) -> dict[str, Any]:
     return out
 
 
+# How a row is tied to its neighbour on the way to the LoRA (an upstream row to the child that read it, a
+# downstream row to the parent it read).
 LINK_TARGET = "target"  # the LoRA itself
-LINK_POINTER = "input pointer"  # Dagster's dagster/input_event_pointer tag
-LINK_LATEST = "latest before"  # fallback: the latest materialisation before the child's
+LINK_POINTER = "recorded"  # Dagster recorded the input on the child (its dagster/input_event_pointer tag)
+LINK_LATEST = "latest before"  # no record: the parent's latest materialisation before the child's
+
+# What the table calls each role, and where the asset graph came from.
+ROLE_LABELS = {"upstream": "upstream", "lora": "LoRA", "downstream": "downstream"}
+GRAPH_SOURCES = {
+    "definitions": "the project's Dagster definitions (shoe_lora_pipeline.definitions)",
+    "instance": "the edges Dagster recorded in the instance",
+}
 
 
 @dataclass(frozen=True)
@@ -356,11 +384,11 @@ class LineageRow:
     data_version: str | None
     code_version: str | None
     link: str | None
-    key_metadata: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    key_metadata: dict[str, JsonScalar] = field(default_factory=dict)
+    metadata: dict[str, JsonScalar] = field(default_factory=dict)
+    inputs: dict[str, dict[str, JsonScalar]] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if k != "key_metadata"}
 
 
@@ -374,7 +402,7 @@ class Lineage:
     rows: list[LineageRow]
     notes: list[str]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {
             "lora_asset": self.lora_key,
             "run_id": self.run_id,
@@ -386,12 +414,12 @@ class Lineage:
         }
 
 
-def _row(role: str, key: dg.AssetKey, record: Any, link: str | None) -> LineageRow:
+def _row(role: str, key: dg.AssetKey, record: dg.EventLogRecord | None, link: str | None) -> LineageRow:
     if record is None:
         return LineageRow(role, key.to_user_string(), key.path[-1], None, None, None, None, None, None)
     tags = _tags(record)
     prov = _provenance(record)
-    inputs: dict[str, dict[str, Any]] = {}
+    inputs: dict[str, dict[str, JsonScalar]] = {}
     if prov is not None:
         for parent in sorted(set(prov.input_data_versions) | set(prov.input_storage_ids), key=str):
             dv = prov.input_data_versions.get(parent)
@@ -415,7 +443,9 @@ def _row(role: str, key: dg.AssetKey, record: Any, link: str | None) -> LineageR
     )
 
 
-def fed_by(instance: dg.DagsterInstance, child: Any, parent_key: dg.AssetKey) -> tuple[Any, str | None]:
+def fed_by(
+    instance: dg.DagsterInstance, child: dg.EventLogRecord, parent_key: dg.AssetKey
+) -> tuple[dg.EventLogRecord | None, str | None]:
     """The materialisation of ``parent_key`` that ``child`` (a materialisation record) was built from,
     and how it was found (:data:`LINK_POINTER` or :data:`LINK_LATEST`); ``(None, None)`` if none."""
     prov = _provenance(child)
@@ -429,11 +459,14 @@ def fed_by(instance: dg.DagsterInstance, child: Any, parent_key: dg.AssetKey) ->
 
 
 def _consumer(
-    instance: dg.DagsterInstance, key: dg.AssetKey, parent_key: dg.AssetKey, parent_record: Any
-) -> tuple[Any, str | None]:
+    instance: dg.DagsterInstance,
+    key: dg.AssetKey,
+    parent_key: dg.AssetKey,
+    parent_record: dg.EventLogRecord,
+) -> tuple[dg.EventLogRecord | None, str | None]:
     """The latest materialisation of ``key`` built from ``parent_record`` (stops at the first one built
     from a newer materialisation of the parent)."""
-    best: tuple[Any, str | None] = (None, None)
+    best: tuple[dg.EventLogRecord | None, str | None] = (None, None)
     after = dg.AssetRecordsFilter(key, after_storage_id=parent_record.storage_id)
     for record in _iter_materializations(instance, after, ascending=True):
         fed, link = fed_by(instance, record, parent_key)
@@ -467,7 +500,7 @@ def _toposort(keys: Iterable[dg.AssetKey], graph: AssetGraphLike) -> list[dg.Ass
 
 def lora_lineage(
     instance: dg.DagsterInstance,
-    lora_record: Any,
+    lora_record: dg.EventLogRecord,
     graph: AssetGraphLike,
     graph_source: str = "definitions",
     graph_note: str | None = None,
@@ -478,7 +511,7 @@ def lora_lineage(
     notes: list[str] = []
 
     # Upstream: walk parents edge by edge from the LoRA.
-    upstream: dict[dg.AssetKey, tuple[Any, str | None]] = {}
+    upstream: dict[dg.AssetKey, tuple[dg.EventLogRecord | None, str | None]] = {}
     stack = [(lora_key, lora_record)]
     while stack:
         key, record = stack.pop()
@@ -515,7 +548,7 @@ def lora_lineage(
             )
 
     # Downstream: children built from this LoRA, then their children, …
-    downstream: dict[dg.AssetKey, tuple[Any, str | None]] = {}
+    downstream: dict[dg.AssetKey, tuple[dg.EventLogRecord, str | None]] = {}
     resolved = {lora_key: lora_record}
     queue = [lora_key]
     while queue:

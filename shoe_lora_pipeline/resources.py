@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from shoe_lora_pipeline.core.config import CONFIG_ENV_VAR, PipelineConfig, load_config
 from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
-from shoe_lora_pipeline.core.models import SDComponents, load_base_model, resolve_base_model
+from shoe_lora_pipeline.core.models import (
+    SDComponents,
+    base_model_identity,
+    load_base_model,
+    resolve_base_model,
+)
 
 
 class PipelineConfigResource(dg.ConfigurableResource):
@@ -83,8 +87,13 @@ class BaseModelResource(dg.ConfigurableResource):
         """The base model's diffusers folder (built or found in the cache first)."""
         return resolve_base_model(cfg.training.base_model, cfg.training.revision, self._cache())
 
+    def identity(self, cfg: PipelineConfig) -> dict[str, str | None]:
+        """The base model's resolved identity (id, revision, fingerprint), as :meth:`load` records it on
+        the components and checkpoints and provenance.json carry it."""
+        return base_model_identity(cfg.training.base_model, self.folder(cfg), cfg.training.revision)
 
-def default_resources() -> dict[str, Any]:
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "pipeline_config": PipelineConfigResource(),
         "device": DeviceResource(),

@@ -14,18 +14,9 @@ import dagster as dg
 import pytest
 
 from shoe_lora_pipeline import cli, lineage
+from shoe_lora_pipeline.assets import STAGE_NAMES
 
-STAGES = [
-    "raw_images",
-    "cleaned_images",
-    "captions",
-    "dataset_splits",
-    "training_latents",
-    "lora_training",
-    "lora_weights",
-    "final_pipeline",
-    "evaluation_report",
-]
+STAGES = STAGE_NAMES  # the real stage order; the stand-ins below only mimic the bodies
 DATASET = STAGES[:4]
 TRAINING = ["training_latents", "lora_training", "lora_weights"]
 EXPORT = ["final_pipeline", "evaluation_report"]
@@ -268,10 +259,16 @@ def test_table(history: dict, capsys: pytest.CaptureFixture) -> None:
     print(out)
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("#"))
-    assert lines[header].split()[:3] == ["#", "asset", "run"]
+    assert lines[header].split()[:4] == ["#", "role", "asset", "run"]
+    assert lines[header].split()[-1] == "link"
     table = [line.split() for line in lines[header + 1 :] if line[:1].isdigit()]
-    assert [r[1] for r in table] == [f"casual_shoes/{s}" for s in STAGES]
-    assert [r[2] for r in table] == [runs[b] for b in "aaaabbbdd"]
+    # Say what each row is to the LoRA: nothing after the LoRA is called an input.
+    assert [r[1] for r in table] == ["upstream"] * 6 + ["LoRA"] + ["downstream"] * 2
+    assert [r[2] for r in table] == [f"casual_shoes/{s}" for s in STAGES]
+    assert [r[3] for r in table] == [runs[b] for b in "aaaabbbdd"]
+    assert [r[-1] for r in table] == ["recorded"] * 6 + ["-"] + ["recorded"] * 2
+    assert "input pointer" not in out
+    assert "graph from    the project's Dagster definitions (shoe_lora_pipeline.definitions)" in lines
     assert "    manifest_hash: manifest-a" in out and "    final_loss: 0.0125" in out
     assert "notes" in lines and "config_file" not in out
 

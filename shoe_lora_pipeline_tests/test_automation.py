@@ -8,13 +8,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from shoe_lora_pipeline.assets import STAGE_NAMES, STAGES, category_assets
 from shoe_lora_pipeline.core.config import ConfigError, load_config
-from shoe_lora_pipeline.definitions import STAGE_NAMES, build_definitions, category_assets
+from shoe_lora_pipeline.definitions import build_definitions
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 from .conftest import DEMO_RAW_DIR
 
-DATA_STAGES = ["raw_images", "cleaned_images", "captions", "dataset_splits"]
+DATA_STAGES = [s.key.to_user_string() for s in STAGES if s.group_names_by_key[s.key] == "dataset"]
 
 
 def photos(folder: Path, ids: list[int]) -> Path:

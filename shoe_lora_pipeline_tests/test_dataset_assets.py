@@ -9,12 +9,13 @@ import dagster as dg
 import pytest
 from PIL import Image
 
-from shoe_lora_pipeline.definitions import category_assets, defs
+from shoe_lora_pipeline.assets import STAGES, category_assets
+from shoe_lora_pipeline.definitions import defs
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 from .conftest import DEMO_RAW_DIR
 
-DATA_STAGES = ["raw_images", "cleaned_images", "captions", "dataset_splits"]
+DATA_STAGES = [s.key.to_user_string() for s in STAGES if s.group_names_by_key[s.key] == "dataset"]
 DATA_CHECKS = {
     "cleaned_images_are_square_rgb_png",
     "valid_ratio_above_minimum",
@@ -71,12 +72,13 @@ def demo_copy(tmp_path: Path) -> Path:
 
 
 def test_definitions_load_with_every_stage() -> None:
-    graph = defs.resolve_asset_graph()
+    loaded = defs()  # what Dagster loads (the @dg.definitions function)
+    graph = loaded.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert set(DATA_STAGES) <= keys  # the first category keeps the plain stage names
-    assert isinstance(defs.resources["pipeline_config"], PipelineConfigResource)
-    assert isinstance(defs.resources["device"], DeviceResource)
-    assert isinstance(defs.resources["base_model"], BaseModelResource)
+    assert isinstance(loaded.resources["pipeline_config"], PipelineConfigResource)
+    assert isinstance(loaded.resources["device"], DeviceResource)
+    assert isinstance(loaded.resources["base_model"], BaseModelResource)
 
 
 def test_data_stage_on_demo_data(tmp_path: Path, demo_copy: Path) -> None:

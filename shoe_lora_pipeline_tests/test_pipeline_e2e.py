@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from shoe_lora_pipeline.definitions import category_assets
+from shoe_lora_pipeline.assets import STAGE_NAMES, category_assets
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 from .conftest import DEMO_RAW_DIR
@@ -77,17 +77,7 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
     assert result.success
 
     mats = {m.asset_key.path[-1]: m.materialization for m in result.get_asset_materialization_events()}
-    assert set(mats) == {
-        "raw_images",
-        "cleaned_images",
-        "captions",
-        "dataset_splits",
-        "training_latents",
-        "lora_training",
-        "lora_weights",
-        "final_pipeline",
-        "evaluation_report",
-    }
+    assert set(mats) == set(STAGE_NAMES)
     training = mats["lora_training"].metadata
     assert training["global_step"].value == 4
     assert training["trainable_params"].value > 0
@@ -125,6 +115,26 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
         check=True,
     )
     assert result.run_id in audit.stdout
+
+    # One base-model identity across the audit trail: Dagster metadata = provenance = audit = report.
+    revision = json.loads(audit.stdout)["provenance"]["base_model_revision"]
+    assert revision.startswith("tiny-sd-v")
+    with_model = {s for s, m in mats.items() if "base_model_revision" in m.metadata}
+    assert with_model == {
+        "training_latents",
+        "lora_training",
+        "lora_weights",
+        "final_pipeline",
+        "evaluation_report",
+    }
+    assert {mats[s].metadata["base_model_revision"].value for s in with_model} == {revision}
+    assert revision in (out / "evaluation" / "report.html").read_text()
+    # One device form: its type as text plus the details, only on the assets that used a device.
+    with_device = {s for s, m in mats.items() if "device" in m.metadata}
+    assert with_device == {"training_latents", "lora_training", "evaluation_report"}
+    for stage in with_device:
+        assert mats[stage].metadata["device"].value == "cpu"
+        assert mats[stage].metadata["device_details"].value["type"] == "cpu"
 
     # A second materialisation with nothing changed does not train again.
     again = dg.materialize(category_assets("casual_shoes", ["lora_training"]), resources=resources)

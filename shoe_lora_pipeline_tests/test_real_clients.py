@@ -1,11 +1,12 @@
 """The Dagster UI as a user meets it: a real ``dagster dev`` (webserver + daemon + code server), driven
 through its GraphQL API and through a headless Chromium.
 
-One server for the module, on a free loopback port with its own DAGSTER_HOME (the repository's
-dagster.yaml), a small two-category config and the tiny model. ``retrain_job`` is launched through
-``DagsterGraphQLClient`` exactly like the launchpad does; the browser then looks at the lineage graph
-after that run. Asset keys and checks are never hard-coded: they come from the definitions, loaded in a
-separate interpreter with the server's environment, and must match what the server reports.
+One server for the module, on a free loopback port with its own DAGSTER_HOME (holding a copy of the
+repository's .dagster_home/dagster.yaml), a small two-category config and the tiny model.
+``retrain_job`` is launched through ``DagsterGraphQLClient`` exactly like the launchpad does; the browser
+then looks at the lineage graph after that run. Asset keys and checks are never hard-coded: they come
+from the definitions, loaded in a separate interpreter with the server's environment, and must match what
+the server reports.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from .dagster_server import DagsterDev, running_dagster_dev
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator
+
+INSTANCE_YAML = REPO_ROOT / ".dagster_home" / "dagster.yaml"  # the instance settings the README uses
 
 pytestmark = [
     pytest.mark.slow,
@@ -174,6 +177,7 @@ class Expected:
 LIST_DEFINITIONS = """
 import json
 from shoe_lora_pipeline.definitions import defs
+defs = defs()
 graph = defs.resolve_asset_graph()
 print(json.dumps({
     "assets": [list(k.path) for k in graph.get_all_asset_keys()],
@@ -224,7 +228,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, tiny_sd_cache: Path) -> Iterato
     }
     definitions = list_definitions(env, workdir)  # in parallel with the server's start
     try:
-        with running_dagster_dev(workdir, env, instance_yaml=REPO_ROOT / "dagster.yaml") as server:
+        with running_dagster_dev(workdir, env, instance_yaml=INSTANCE_YAML) as server:
             server.wait_until_loaded()
             yield Ui(server=server, expected=read_definitions(definitions), workdir=workdir)
     finally:

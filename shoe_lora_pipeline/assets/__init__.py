@@ -1,0 +1,56 @@
+"""The pipeline's stages, one module each, in pipeline order; and one chain of them per category.
+
+Each module declares its stage as a plain ``@dg.asset`` under the stage name; :func:`category_assets`
+builds a category's chain from them (see :mod:`shoe_lora_pipeline.assets._category` for the keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets import (
+    captions,
+    cleaned_images,
+    dataset_splits,
+    evaluation_report,
+    final_pipeline,
+    lora_training,
+    lora_weights,
+    raw_images,
+    training_latents,
+)
+from shoe_lora_pipeline.assets._category import category_key, for_category
+
+# The stages in pipeline order: raw photos → dataset → training → export → evaluation.
+STAGES: list[dg.AssetsDefinition] = [
+    raw_images.raw_images,
+    cleaned_images.cleaned_images,
+    captions.captions,
+    dataset_splits.dataset_splits,
+    training_latents.training_latents,
+    lora_training.lora_training,
+    lora_weights.lora_weights,
+    final_pipeline.final_pipeline,
+    evaluation_report.evaluation_report,
+]
+STAGE_NAMES: list[str] = [stage.key.to_user_string() for stage in STAGES]
+
+
+def category_assets(
+    category: str, stages: Iterable[str] | None = None, primary: bool = True
+) -> list[dg.AssetsDefinition]:
+    """One category's chain of assets (all stages unless named), in pipeline order."""
+    wanted = STAGE_NAMES if stages is None else set(stages)
+    unknown = set(wanted) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}: expected some of {STAGE_NAMES}")
+    return [
+        for_category(stage, category, primary) for stage in STAGES if stage.key.to_user_string() in wanted
+    ]
+
+
+def category_keys(category: str, primary: bool) -> list[dg.AssetKey]:
+    """The asset keys of one category's chain, in pipeline order."""
+    return [category_key(stage.key, category, primary) for stage in STAGES]

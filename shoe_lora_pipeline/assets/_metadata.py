@@ -7,11 +7,17 @@ import functools
 import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from shoe_lora_pipeline.core.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from shoe_lora_pipeline.core.device import DeviceInfo
+
+# A materialisation's metadata: Dagster's typed values or plain scalars (which Dagster wraps itself).
+MetadataDict = dict[str, dg.MetadataValue | str | int | float | bool]
 
 
 def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str], empty: str = "_none_") -> str:
@@ -63,21 +69,40 @@ def dataset_manifest_hash(cfg: PipelineConfig) -> str | None:
     return manifest_hash(pd.read_csv(path, dtype={"rel_path": str, "sha256": str}))
 
 
-def config_metadata(cfg: PipelineConfig, device: Any = None) -> dict[str, Any]:
+def base_model_metadata(identity: Mapping[str, str | None]) -> MetadataDict:
+    """The base model's resolved identity, the same values provenance.json, ``shoe-lora audit`` and the
+    evaluation report show (``core.models.base_model_identity``: e.g. revision ``tiny-sd-v2`` or the hub
+    snapshot's commit), never the config's unresolved ``training.revision``."""
+    return {
+        "base_model": str(identity.get("base_model")),
+        "base_model_revision": identity.get("revision") or "none",
+        "base_model_fingerprint": identity.get("fingerprint") or "none",
+    }
+
+
+def config_metadata(
+    cfg: PipelineConfig,
+    device: DeviceInfo | None = None,
+    base_model: Mapping[str, str | None] | None = None,
+) -> MetadataDict:
     """What every materialisation records for an audit: the resolved config and its hash, the dataset
-    manifest hash, the base model, package versions, git commit and (where used) the device."""
+    manifest hash, package versions and git commit; and, only where the asset used them, the base model's
+    resolved identity (``base_model``: a ``core.models`` identity) and the device (``device``: its type,
+    ``device_details``: everything :class:`DeviceInfo` knows)."""
     env = _environment()
-    meta: dict[str, Any] = {
+    meta: MetadataDict = {
         "category": cfg.dataset.name,
         "config_file": dg.MetadataValue.path(str(cfg.source_path)),
         "config_hash": cfg.config_hash()[:16],
         "resolved_config": dg.MetadataValue.json(cfg.model_dump(mode="json")),
-        "base_model": cfg.training.base_model,
-        "base_model_revision": cfg.training.revision or "default",
         "package_versions": dg.MetadataValue.json(env["package_versions"]),
         "git_commit": str(env["git"].get("commit") or "none"),
-        "device": device.type if device is not None else "n/a",
     }
+    if base_model is not None:
+        meta.update(base_model_metadata(base_model))
+    if device is not None:
+        meta["device"] = device.type
+        meta["device_details"] = dg.MetadataValue.json(device.as_metadata())
     digest = dataset_manifest_hash(cfg)
     if digest:
         meta["dataset_manifest_hash"] = digest

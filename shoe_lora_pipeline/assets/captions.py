@@ -3,20 +3,22 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import build_captions, load_styles, write_captions_json
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@stage(
-    group="dataset",
-    deps=("cleaned_images",),
+@dg.asset(
+    group_name="dataset",
+    deps=["cleaned_images"],
     kinds={"json"},
+    code_version="1",
     description="One caption per cleaned image: 'A professional product photo of [colour] [type] shoes on "
-    "white background, [characteristics], product photography'. A <image>.txt sidecar wins, then the "
-    "styles.csv row with the file's id, else the colour is read from the pixels.",
+    "white background, [characteristics], product photography'. A sidecar .txt next to the photo (same "
+    "name: 1234.jpg → 1234.txt) wins, then the styles.csv row with the file's id, else the colour is read "
+    "from the pixels.",
 )
 def captions(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource

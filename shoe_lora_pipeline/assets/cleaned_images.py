@@ -4,21 +4,31 @@
 import dagster as dg
 import pandas as pd
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets._stage import category_of, stage
-from shoe_lora_pipeline.core.cleaning import CleaningParams, clean_images
+from shoe_lora_pipeline.core.cleaning import CleaningParams, CleaningReport, clean_images
+from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@stage(
-    group="dataset",
-    deps=("raw_images",),
+@dg.asset(
+    group_name="dataset",
+    deps=["raw_images"],
     kinds={"pillow"},
-    checks={
-        "cleaned_images_are_square_rgb_png": "Every cleaned image is a resolution×resolution RGB PNG.",
-        "valid_ratio_above_minimum": "valid / raw image ratio is at least dataset.min_valid_ratio.",
-    },
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "cleaned_images_are_square_rgb_png",
+            asset="cleaned_images",
+            description="Every cleaned image is a resolution×resolution RGB PNG.",
+        ),
+        dg.AssetCheckSpec(
+            "valid_ratio_above_minimum",
+            asset="cleaned_images",
+            description="valid / raw image ratio is at least dataset.min_valid_ratio.",
+        ),
+    ],
     description="512px white-padded RGB PNGs + discard report (empty, corrupt, too small, extreme aspect, "
     "decompression bombs, duplicates). Incremental: only new or changed photos are decoded.",
 )
@@ -62,7 +72,7 @@ def cleaned_images(
     )
 
 
-def cleaned_images_are_square_rgb_png(cfg) -> dg.AssetCheckResult:  # noqa: ANN001
+def cleaned_images_are_square_rgb_png(cfg: PipelineConfig) -> dg.AssetCheckResult:
     from PIL import Image
 
     res = cfg.dataset.resolution
@@ -88,7 +98,7 @@ def cleaned_images_are_square_rgb_png(cfg) -> dg.AssetCheckResult:  # noqa: ANN0
     )
 
 
-def valid_ratio_above_minimum(cfg, report) -> dg.AssetCheckResult:  # noqa: ANN001
+def valid_ratio_above_minimum(cfg: PipelineConfig, report: CleaningReport) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         check_name="valid_ratio_above_minimum",
         passed=report.raw_count > 0 and report.valid_ratio >= cfg.dataset.min_valid_ratio,

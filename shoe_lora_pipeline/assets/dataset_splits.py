@@ -3,21 +3,30 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.layout import SPLITS, Layout
 from shoe_lora_pipeline.core.splits import find_overlaps, make_splits, missing_or_extra_captions
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@stage(
-    group="dataset",
-    deps=("captions",),
-    checks={
-        "train_images_have_one_caption": "Every train image has exactly one caption (and vice versa).",
-        "no_image_in_two_splits": "No image appears in two splits.",
-    },
+@dg.asset(
+    group_name="dataset",
+    deps=["captions"],
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "train_images_have_one_caption",
+            asset="dataset_splits",
+            description="Every train image has exactly one caption (and vice versa).",
+        ),
+        dg.AssetCheckSpec(
+            "no_image_in_two_splits",
+            asset="dataset_splits",
+            description="No image appears in two splits.",
+        ),
+    ],
     description="train/val/test folders (images/*.png + captions.json each). Assignment hashes the image "
     "content, so adding photos never moves existing ones between splits.",
 )

@@ -3,14 +3,14 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.evaluation import evaluate
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import read_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
-# The recipe's validation checklist (§7.4), one Dagster asset check each. The product-photo checks are
+# The recipe's validation checklist, one Dagster asset check each. The product-photo checks are
 # ERROR severity when they fail; small-sample FID/IS/CLIP and the loss are WARN; unavailable never passes.
 CHECKLIST = {
     "final_loss": "Final training loss below thresholds.final_loss_max (0.02).",
@@ -26,12 +26,15 @@ CHECKLIST = {
 _SEVERITY = {"WARN": dg.AssetCheckSeverity.WARN, "ERROR": dg.AssetCheckSeverity.ERROR}
 
 
-@stage(
-    group="evaluation",
-    deps=("final_pipeline",),
+@dg.asset(
+    group_name="evaluation",
+    deps=["final_pipeline"],
     kinds={"pytorch"},
     pool="gpu",
-    checks=CHECKLIST,
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(n, asset="evaluation_report", description=d) for n, d in CHECKLIST.items()
+    ],
     description="Generates the test prompts with the fine-tuned pipeline and the base model (same seeds), "
     "computes FID/KID vs the test split, CLIP score, IS and weight-free product-photo QA for both, and "
     "writes metrics.json, report.md and a self-contained report.html.",
@@ -80,7 +83,7 @@ def evaluation_report(
     summary = result.summary()
     comparison = result.paths.comparison_grids
     metadata = {
-        **config_metadata(cfg, device_info),
+        **config_metadata(cfg, device_info, base_model.identity(cfg)),
         "metrics": dg.MetadataValue.md(result.metric_table_markdown),
         "checks": dg.MetadataValue.md(
             md_table(

@@ -3,17 +3,18 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
-@stage(
-    group="export",
-    deps=("lora_weights",),
+@dg.asset(
+    group_name="export",
+    deps=["lora_weights"],
     kinds={"diffusers"},
+    code_version="1",
     description="StableDiffusionPipeline with the LoRA fused (save_pretrained, safetensors): loads with "
     "StableDiffusionPipeline.from_pretrained(path) and needs no LoRA at inference. ~2–4 GB on SD1.5, so it "
     "is written once per LoRA version.",
@@ -35,10 +36,9 @@ def final_pipeline(
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return dg.MaterializeResult(
         metadata={
-            **config_metadata(cfg),
+            **config_metadata(cfg, base_model=base_model.identity(cfg)),
             "final_pipeline_dir": dg.MetadataValue.path(str(out)),
             "size_mb": round(size / 1e6, 1),
             "lora_scale": cfg.export.fuse_lora_scale,
-            "base_model": cfg.training.base_model,
         },
     )

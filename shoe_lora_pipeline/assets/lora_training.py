@@ -3,19 +3,20 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, thumbnail_md
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.train_data import dataset_fingerprint
 from shoe_lora_pipeline.core.training import train_lora
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 
-@stage(
-    group="training",
-    deps=("training_latents",),
+@dg.asset(
+    group_name="training",
+    deps=["training_latents"],
     kinds={"pytorch"},
     pool="gpu",
+    code_version="1",
     description="Trains the LoRA (peft on the UNet's to_k/to_q/to_v/to_out.0). Checkpoints every "
     "checkpointing_steps, written atomically; re-materialising resumes from the newest compatible "
     "checkpoint mid-epoch, or skips when training is already complete.",
@@ -53,7 +54,7 @@ def lora_training(
     )
 
     metadata = {
-        **config_metadata(cfg, device_info),
+        **config_metadata(cfg, device_info, components.identity),
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "global_step": result.global_step,
@@ -78,7 +79,6 @@ def lora_training(
         "val_loss": result.val_loss,
         "best_val_step": result.best_val_step,
         "peak_memory_mb": result.peak_memory_mb,
-        "device": dg.MetadataValue.json(device_info.as_metadata()),
         "checkpoint_dir": dg.MetadataValue.path(str(result.checkpoint_dir)),
         "training_log": dg.MetadataValue.path(str(result.log_path)),
     }

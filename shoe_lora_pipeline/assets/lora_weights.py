@@ -3,17 +3,18 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, dataset_manifest_hash, md_table
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import read_captions_json
-from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpoint
+from shoe_lora_pipeline.core.checkpoints import CheckpointInfo, list_checkpoints, newest_checkpoint
+from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.lora_io import LoraExportError, TrainingFacts, export_lora
 from shoe_lora_pipeline.core.provenance import collect_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
-def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
+def selected_checkpoint(cfg: PipelineConfig, layout: Layout) -> CheckpointInfo:
     """The final checkpoint, or export.checkpoint_step when set (manual early stopping)."""
     wanted = cfg.export.checkpoint_step
     if wanted is None:
@@ -30,12 +31,14 @@ def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
     raise LoraExportError(f"export.checkpoint_step = {wanted}: no such checkpoint (kept steps: {have})")
 
 
-@stage(
-    group="export",
-    deps=("lora_training",),
+@dg.asset(
+    group_name="export",
+    deps=["lora_training"],
     kinds={"safetensors"},
+    code_version="1",
     description="adapter_config.json + adapter_model.safetensors (PEFT), pytorch_lora_weights.safetensors "
-    "(diffusers, alpha honoured), <dataset>_lora.safetensors (kohya: A1111/ComfyUI/Civitai) and a model card; "
+    "(diffusers, alpha honoured), a kohya file named after the dataset (e.g. casual_shoes_lora.safetensors, "
+    "for A1111/ComfyUI/Civitai) and a model card; "
     "every file carries the provenance shown by `shoe-lora audit`.",
 )
 def lora_weights(
@@ -70,7 +73,7 @@ def lora_weights(
     files = [{"file": name, "sha256": digest[:16]} for name, digest in sorted(result.file_sha256.items())]
     return dg.MaterializeResult(
         metadata={
-            **config_metadata(cfg),
+            **config_metadata(cfg, base_model=ckpt.state.get("base_model")),
             "checkpoint": ckpt.path.name,
             "step": result.step,
             "rank": result.rank,

@@ -3,16 +3,17 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
-@stage(
-    group="dataset",
+@dg.asset(
+    group_name="dataset",
     kinds={"pandas"},
+    code_version="1",
     description="Manifest of the raw photo folder (path, size, sha256, format). Its data version is the "
     "manifest hash, so any added, changed or deleted photo makes everything downstream stale.",
 )

@@ -3,18 +3,19 @@
 
 import dagster as dg
 
+from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.latents import cache_latents, has_images
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 
-@stage(
-    group="training",
-    deps=("dataset_splits",),
+@dg.asset(
+    group_name="training",
+    deps=["dataset_splits"],
     kinds={"pytorch", "safetensors"},
     pool="gpu",
+    code_version="1",
     description="VAE latent_dist mean/std and CLIP text embeddings for every train image (and every val "
     "image, for the validation loss), as safetensors shards keyed by base model, image hash, caption and "
     "resolution: unchanged items are never re-encoded, and training no longer needs the VAE encoder or the "
@@ -50,7 +51,7 @@ def training_latents(
         context.log.info(note)
     return dg.MaterializeResult(
         metadata={
-            **config_metadata(cfg, device_info),
+            **config_metadata(cfg, device_info, components.identity),
             "cache_latents": True,
             "items": report.total,
             "val_items": val_items,
@@ -63,8 +64,5 @@ def training_latents(
             "size_mb": round(report.bytes_on_disk / 1e6, 2),
             "seconds": round(report.seconds, 2),
             "cache_dir": dg.MetadataValue.path(str(report.cache_dir)),
-            "base_model": components.identity["base_model"],
-            "base_model_fingerprint": components.identity["fingerprint"][:16],
-            "device": device_info.type,
         },
     )
