@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shoe_lora_pipeline.lineage import Lineage
 
+from shoe_lora_pipeline.core.markdown import one_line
+
 PROG = "shoe-lora"
 EXIT_OK = 0
 EXIT_ERROR = 2  # also what argparse uses for usage errors
@@ -59,13 +61,15 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, A
 
 
 def _cell(value: Any) -> str:
+    """One cell of an aligned text table; one line (core.markdown.one_line), so a hostile value cannot
+    start a new row."""
     if value is None:
         return "-"
     if isinstance(value, list | tuple):
-        return ", ".join(str(v) for v in value)
+        return one_line(", ".join(str(v) for v in value))
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value)
+    return one_line(value)
 
 
 def format_audit_table(record: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ import dagster as dg
 from shoe_lora_pipeline.assets import STAGE_NAMES, STAGES, category_assets
 from shoe_lora_pipeline.automation import build_automation
 from shoe_lora_pipeline.core.config import load_config
+from shoe_lora_pipeline.core.evaluation.checks import check_descriptions
 from shoe_lora_pipeline.resources import PipelineConfigResource, default_resources
 
 __all__ = ["STAGES", "STAGE_NAMES", "build_definitions", "category_assets", "defs"]
@@ -27,7 +28,11 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     """
     cfg = load_config(config_path, check_paths=False)
     first, *others = cfg.category_names()
-    assets = category_assets(first) + [a for name in others for a in category_assets(name, primary=False)]
+    # The checklist's descriptions state the configured thresholds (evaluation.thresholds).
+    described = check_descriptions(cfg.evaluation.thresholds)
+    assets = category_assets(first, check_descriptions=described) + [
+        a for name in others for a in category_assets(name, primary=False, check_descriptions=described)
+    ]
     resources = default_resources()
     if config_path is not None:
         resources["pipeline_config"] = PipelineConfigResource(config_path=str(config_path))

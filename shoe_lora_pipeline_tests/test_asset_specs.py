@@ -163,3 +163,13 @@ def test_instance_settings_are_where_dagster_dev_reads_them_without_a_warning() 
     assert not (REPO_ROOT / "dagster.yaml").exists() and not (REPO_ROOT / "dagster.yml").exists()
     settings = yaml.safe_load((REPO_ROOT / ".dagster_home" / "dagster.yaml").read_text())
     assert settings["concurrency"]["pools"]["default_limit"] == 1
+
+
+def test_checklist_descriptions_state_the_configured_thresholds(tmp_path: Path) -> None:
+    path = two_categories(tmp_path)
+    path.write_text(path.read_text() + "evaluation: {thresholds: {fid_max: 55, white_background_min: 0.8}}\n")
+    defs = build_definitions(path)
+    for key in (dg.AssetKey("evaluation_report"), dg.AssetKey(["boots", "evaluation_report"])):
+        checks = {c.name: c.description for c in defs.resolve_assets_def(key).check_specs}
+        assert "55" in checks["fid"] and "30" not in checks["fid"]
+        assert "80" in checks["white_background"]

@@ -17,6 +17,7 @@ from shoe_lora_pipeline.core.evaluation import qa
 from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage, image_seed
 from shoe_lora_pipeline.core.evaluation.metrics import MetricResult
 from shoe_lora_pipeline.core.evaluation.report import checklist, load_schema, write_report
+from shoe_lora_pipeline.core.markdown import md_cell
 from shoe_lora_pipeline_tests.test_eval_metrics import random_cnn
 from shoe_lora_pipeline_tests.test_eval_qa import RED, shoe, varied_shoes
 
@@ -287,10 +288,19 @@ def test_write_report_files_and_schema(tmp_path: Path) -> None:
     assert len(srcs) == 1 + 2 + 2 and all(s.startswith("data:image/") for s in srcs)
     assert html_text.index("step 2<") < html_text.index("step 10<")
     assert "How to get FID / IS / CLIP numbers" in html_text and "/x/y.pth" in html_text
+    # The how-to box renders markdown code spans as <code>, not literal backticks.
+    note_box = html_text[html_text.index("<div class='note'>") :]
+    note_box = note_box[: note_box.index("</div>")]
+    assert "`" not in note_box
+    assert (
+        "<code>pt_inception-2015-12-05-6726825d.pth</code>" in note_box
+        and "<code>/x/y.pth</code>" in note_box
+    )
 
     md = paths.report_md.read_text()
     assert "| FID ↓ | 40.00 | 25.50 | < 30 | pass |" in md
     assert "unavailable (WARN)" in md and "![loss curve](loss_curve.png)" in md
+    assert "`pt_inception-2015-12-05-6726825d.pth`" in md  # markdown keeps its code spans
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,3 +397,137 @@ def test_evaluate_end_to_end_on_tiny_model(tiny_sd_cache: Path, tmp_path: Path) 
     assert doc["settings"]["resolution"] == 64 and doc["settings"]["n_reference"] == 4
     assert result.paths.report_html.is_file() and len(result.paths.comparison_grids) == 2
     assert result.summary()["metrics_lora"]["clip_score"] == "unavailable"
+
+
+# ----------------------------------------------------------------------------------------------
+# One checklist table; reports from one context; readable grids
+# ----------------------------------------------------------------------------------------------
+
+CUSTOM = EvaluationThresholds(
+    final_loss_max=0.5,
+    white_background_min=0.8,
+    centred_min=0.7,
+    colour_adherence_min=0.6,
+    diversity_min_hamming=3,
+    fid_max=12.5,
+    clip_score_min=21,
+    inception_score_min=4,
+)
+
+
+def test_check_table_drives_checklist_descriptions_and_asset_checks() -> None:
+    from shoe_lora_pipeline.assets.evaluation_report import CHECKLIST
+    from shoe_lora_pipeline.core.evaluation.checks import CHECKS, check_descriptions
+
+    names = [spec.name for spec in CHECKS]
+    assert [c.name for c in checklist({}, None, None, T)] == names
+    assert check_descriptions(T) == CHECKLIST and list(CHECKLIST) == names
+    # Every configurable threshold is held by exactly one check of the table.
+    fields = [spec.threshold_field for spec in CHECKS if spec.threshold_field]
+    assert sorted(fields) == sorted(EvaluationThresholds.model_fields)
+
+    custom, default = check_descriptions(CUSTOM), check_descriptions(T)
+    assert "< 12.5 (evaluation.thresholds.fid_max)" in custom["fid"]
+    assert ">= 80% (evaluation.thresholds.white_background_min)" in custom["white_background"]
+    assert ">= 95% (evaluation.thresholds.white_background_min)" in default["white_background"]
+    assert "> 21 (evaluation.thresholds.clip_score_min)" in custom["clip_score"]
+    assert "< 0.5 (evaluation.thresholds.final_loss_max)" in custom["final_loss"]
+    for spec in CHECKS:  # the numbers come from the thresholds, not from the wording
+        assert (custom[spec.name] != default[spec.name]) == bool(spec.threshold_field), spec.name
+        assert spec.severity in custom[spec.name]
+
+    fid = {"fid": ok("fid", 20.0)}
+    assert {c.name: c for c in checklist(fid, None, None, T)}["fid"].passed
+    strict = {c.name: c for c in checklist(fid, None, None, CUSTOM)}["fid"]
+    assert not strict.passed and strict.threshold == 12.5 and strict.reason.startswith("20 is not < 12.5")
+
+
+def test_reports_share_one_context_and_escape_hostile_text(tmp_path: Path) -> None:
+    from markupsafe import escape
+
+    from shoe_lora_pipeline.core.evaluation.report import Findings, render_report, report_context
+
+    prompts = [
+        "black shoes <script>alert(1)</script> on white background",
+        "red | sneakers on white background",
+    ]
+    qa_lora, _ = summary_of(
+        [shoe(), shoe(centre=(60, 66)), shoe(RED), shoe(RED, (70, 60), 1.2)], prompts, tmp_path, "l"
+    )
+    metrics = {"fid": ok("fid", 25.5)}
+    checks = checklist(metrics, qa_lora, None, T)
+    findings = Findings(
+        metrics, {}, qa_lora, None, T, checks, provenance={"file": "x|y\nz <b>", "n": {"k": 1}}
+    )
+    context = report_context(tmp_path, findings, loss_png=None, validation_grids=[], comparisons=[])
+    md, page = render_report("report.md.j2", context), render_report("report.html.j2", context)
+    for table in ("checks", "metrics", "qa", "provenance"):
+        for row in context[table]["rows"]:
+            assert "| " + " | ".join(md_cell(c) for c in row) + " |" in md.splitlines()
+            for c in row:
+                assert f">{escape(c)}</td>" in page, c
+    assert "<script" not in page and "&lt;script&gt;" in page and "&lt;b&gt;" in page
+    verdict = "PASSED" if all(c.passed or c.severity == "WARN" for c in checks) else "FAILED"
+    assert f"**{verdict} — " in md and f"class='verdict {verdict[:4].lower()}'" in page
+    assert "_No losses.csv found._" in md and "<p>No generations.</p>" in page
+
+
+def test_templates_are_package_data() -> None:
+    import fnmatch
+
+    from shoe_lora_pipeline.core.evaluation.report import TEMPLATES_DIR
+
+    tomllib = pytest.importorskip("tomllib")  # standard library from Python 3.11
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["shoe_lora_pipeline.core.evaluation"]
+    templates = sorted(TEMPLATES_DIR.glob("*"))
+    assert {p.name for p in templates} == {"report.md.j2", "report.html.j2"}
+    for p in templates:
+        rel = p.relative_to(TEMPLATES_DIR.parent).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
+    assert "jinja2" in " ".join(pyproject["project"]["dependencies"])
+
+
+def test_comparison_grid_tiles_have_gaps_and_labels_on_a_plain_band(tmp_path: Path) -> None:
+    """Noisy tiles (what an undertrained model makes) come out intact — no label drawn over them — apart
+    from each other, and every label sits on the plain background."""
+    import numpy as np
+
+    from shoe_lora_pipeline.core.evaluation.report import COMPARISON_BACKGROUND, comparison_grid
+
+    rng = np.random.default_rng(0)
+    tiles: dict[tuple[int, int], np.ndarray] = {}
+    pairs = []
+    for i in range(3):
+        pair = []
+        for row, tag in enumerate(("base", "lora")):
+            tiles[row, i] = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+            path = tmp_path / f"{tag}{i}.png"
+            Image.fromarray(tiles[row, i]).save(path)
+            pair.append(GeneratedImage(0, i, "noisy", path, 100 + i))
+        pairs.append(tuple(pair))
+    grid = np.asarray(comparison_grid(pairs, "prompt 0: noisy"))
+
+    def find(tile: np.ndarray) -> tuple[int, int]:
+        ys, xs = np.nonzero(np.all(grid == tile[0, 0], axis=-1))
+        hits = [
+            (y, x) for y, x in zip(ys, xs, strict=True) if np.array_equal(grid[y : y + 48, x : x + 48], tile)
+        ]
+        assert len(hits) == 1, "tile not found intact (a label drawn over it?)"
+        return hits[0]
+
+    pos = {key: find(tile) for key, tile in tiles.items()}
+    background = np.all(grid == COMPARISON_BACKGROUND, axis=-1)
+    for row in (0, 1):
+        for i in (0, 1):  # a gap of plain background between neighbouring tiles
+            (y, x0), (_, x1) = pos[row, i], pos[row, i + 1]
+            assert x1 - (x0 + 48) >= 4 and background[y : y + 48, x0 + 48 : x1].all()
+    for i in range(3):
+        (y0, x), (y1, _) = pos[0, i], pos[1, i]
+        assert y1 - (y0 + 48) >= 4 and background[y0 + 48 : y1, x : x + 48].all()
+        band = grid[y0 - 20 : y0, x : x + 48]  # the seed label above the column
+        plain = np.all(band == COMPARISON_BACKGROUND, axis=-1)
+        assert 0.5 < plain.mean() < 1.0  # text, on the plain background
+        # Label pixels are greys between the text and background colours, never tile colours.
+        text = band[~plain].astype(int)
+        assert (np.ptp(text, axis=-1) <= 12).all()

@@ -6,7 +6,7 @@ builds a category's chain from them (see :mod:`shoe_lora_pipeline.assets._catego
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import dagster as dg
 
@@ -39,15 +39,21 @@ STAGE_NAMES: list[str] = [stage.key.to_user_string() for stage in STAGES]
 
 
 def category_assets(
-    category: str, stages: Iterable[str] | None = None, primary: bool = True
+    category: str,
+    stages: Iterable[str] | None = None,
+    primary: bool = True,
+    check_descriptions: Mapping[str, str] | None = None,
 ) -> list[dg.AssetsDefinition]:
-    """One category's chain of assets (all stages unless named), in pipeline order."""
+    """One category's chain of assets (all stages unless named), in pipeline order; asset-check
+    descriptions by check name from ``check_descriptions`` (the configured thresholds) where given."""
     wanted = STAGE_NAMES if stages is None else set(stages)
     unknown = set(wanted) - set(STAGE_NAMES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: expected some of {STAGE_NAMES}")
     return [
-        for_category(stage, category, primary) for stage in STAGES if stage.key.to_user_string() in wanted
+        for_category(stage, category, primary, check_descriptions)
+        for stage in STAGES
+        if stage.key.to_user_string() in wanted
     ]
 
 

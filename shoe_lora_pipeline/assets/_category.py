@@ -14,7 +14,7 @@ as they were; further categories are prefixed: ``boots/raw_images``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import dagster as dg
 
@@ -31,16 +31,29 @@ def _body(template: dg.AssetsDefinition) -> Callable[..., dg.MaterializeResult]:
     return template.op.compute_fn.decorated_fn  # type: ignore[union-attr]
 
 
-def for_category(template: dg.AssetsDefinition, category: str, primary: bool) -> dg.AssetsDefinition:
+def for_category(
+    template: dg.AssetsDefinition,
+    category: str,
+    primary: bool,
+    check_descriptions: Mapping[str, str] | None = None,
+) -> dg.AssetsDefinition:
     """The stage asset ``template`` for one category: key, deps and checks under the category (unless
     primary), tagged ``category``; everything else (group, description, kinds, pool, code version)
-    unchanged. The op is named after the key (``boots__raw_images``), so run logs say which category."""
+    unchanged, except check descriptions given by name in ``check_descriptions`` (worded from the
+    configured thresholds). The op is named after the key (``boots__raw_images``), so run logs say which
+    category."""
     spec = template.get_asset_spec()
     key = category_key(spec.key, category, primary)
     spec = spec.replace_attributes(
         key=key, deps=[category_key(dep.asset_key, category, primary) for dep in spec.deps]
     ).merge_attributes(tags={CATEGORY_TAG: category})
-    checks = [c.replace_key(dg.AssetCheckKey(key, c.name)) for c in template.check_specs]
+    described = check_descriptions or {}
+    checks = [
+        c.replace_key(dg.AssetCheckKey(key, c.name))._replace(
+            description=described.get(c.name, c.description)
+        )
+        for c in template.check_specs
+    ]
     return dg.multi_asset(
         name=key.to_python_identifier(), specs=[spec], check_specs=checks, pool=template.op.pool
     )(_body(template))

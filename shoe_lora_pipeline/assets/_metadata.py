@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
+from shoe_lora_pipeline.core import markdown
 from shoe_lora_pipeline.core.config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -21,17 +22,12 @@ MetadataDict = dict[str, dg.MetadataValue | str | int | float | bool]
 
 
 def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str], empty: str = "_none_") -> str:
-    """A markdown table; `|` inside values is escaped so a hostile file name cannot break the table."""
+    """A markdown table of ``rows`` (one mapping each); cells escaped by :func:`core.markdown.md_cell`, so a
+    hostile file name cannot break the table."""
     rows = list(rows)
     if not rows:
         return empty
-
-    def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown.md_table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
 def thumbnail_md(path: Path, caption: str, max_side: int = 384) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from shoe_lora_pipeline.core.markdown import md_cell
+
 TAGS = ["stable-diffusion", "lora", "text-to-image", "diffusers", "product-photography"]
 # The Hub needs a license; which one applies depends on the training photos, so the user must choose.
 LICENSE_LINE = "license: other  # TODO: choose a license (and add license_name / license_link for 'other')"
@@ -67,10 +69,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True)
     return str(value)
-
-
-def _md_cell(value: Any) -> str:
-    return _fmt(value).replace("|", "\\|").replace("\n", " ")
 
 
 def front_matter(info: ModelCardInfo) -> dict[str, Any]:
@@ -207,11 +205,11 @@ def render_model_card(info: ModelCardInfo) -> str:
     for key, value in info.provenance.items():
         if isinstance(value, dict):
             for sub, subvalue in value.items():
-                lines.append(f"| {_md_cell(f'{key}.{sub}')} | {_md_cell(subvalue)} |")
+                lines.append(f"| {md_cell(f'{key}.{sub}')} | {md_cell(_fmt(subvalue))} |")
         else:
-            lines.append(f"| {_md_cell(key)} | {_md_cell(value)} |")
+            lines.append(f"| {md_cell(key)} | {md_cell(_fmt(value))} |")
     for fname, digest in info.file_sha256.items():
-        lines.append(f"| sha256 `{_md_cell(fname)}` | `{digest}` |")
+        lines.append(f"| sha256 `{md_cell(fname)}` | `{digest}` |")
     lines += [
         "",
         "Read it back with `shoe-lora audit <file or folder>`.",

@@ -5,10 +5,18 @@
   adherence, diversity, memorisation).
 * :mod:`.metrics` — FID (pytorch-fid), KID / IS / CLIP score (torchmetrics); local weights only, otherwise
   "unavailable" with the reason and the path looked for.
-* :mod:`.report` — checklist, ``metrics.json`` (``metrics.schema.json``), ``report.md``, ``report.html``.
+* :mod:`.checks` — the checklist: one table of checks (what, threshold field, comparison, severity).
+* :mod:`.report` — ``metrics.json`` (``metrics.schema.json``), ``report.md``, ``report.html``.
 * :mod:`.runner` — :func:`evaluate`, the one call the asset makes.
 """
 
+from shoe_lora_pipeline.core.evaluation.checks import (
+    CHECKS,
+    CheckOutcome,
+    CheckSpec,
+    check_descriptions,
+    checklist,
+)
 from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage, generate_images, image_seed
 from shoe_lora_pipeline.core.evaluation.metrics import (
     FeatureSet,
@@ -42,9 +50,7 @@ from shoe_lora_pipeline.core.evaluation.qa import (
 )
 from shoe_lora_pipeline.core.evaluation.report import (
     SCHEMA_PATH,
-    CheckOutcome,
     ReportPaths,
-    checklist,
     load_schema,
     metric_table_markdown,
     write_report,
@@ -52,8 +58,10 @@ from shoe_lora_pipeline.core.evaluation.report import (
 from shoe_lora_pipeline.core.evaluation.runner import EvaluationResult, evaluate
 
 __all__ = [
+    "CHECKS",
     "SCHEMA_PATH",
     "CheckOutcome",
+    "CheckSpec",
     "EvaluationResult",
     "FeatureSet",
     "GeneratedImage",
@@ -64,6 +72,7 @@ __all__ = [
     "QAValue",
     "ReportPaths",
     "centring",
+    "check_descriptions",
     "checklist",
     "colour_adherence",
     "compute_clip_score",

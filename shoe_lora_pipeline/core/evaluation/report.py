@@ -1,23 +1,14 @@
-"""Evaluation report: the checklist, ``metrics.json`` (+ JSON Schema), ``report.md`` and a self-contained
-``report.html`` (images inlined as base64 data URIs, inline CSS, no scripts, nothing external).
+"""Evaluation report: ``metrics.json`` (+ JSON Schema), ``report.md`` and a self-contained ``report.html``
+(images inlined as base64 data URIs, inline CSS, no scripts, nothing external).
 
-Checklist severities (a failed ERROR check fails the evaluation; WARN is shown but does not):
-
-* ERROR — white background, centring, colour adherence, no mode collapse: measured on every generation by
-  deterministic weight-free code, so a failure is a real defect of what the LoRA produces for a catalogue.
-* WARN — FID, CLIP score, Inception Score: on a few dozen images they are biased and noisy and their
-  thresholds come from large-sample literature; final loss: the diffusion MSE depends mostly on the sampled
-  noise levels, not on image quality; memorisation (an addition to the seed's checklist): needs a look,
-  not an automatic rejection.
-* A check whose metric is unavailable never passes: ``passed`` False, severity WARN, status
-  "unavailable", and the reason says why (e.g. which weights file was looked for).
+Both reports are rendered from one context (:func:`report_context`) by the jinja2 templates in
+``templates/``; the HTML one autoescapes. The checklist itself is :mod:`.checks`.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
-import html
+import functools
 import io
 import json
 import math
@@ -25,15 +16,22 @@ import os
 import re
 import textwrap
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from shoe_lora_pipeline.core.config import EvaluationThresholds
+from shoe_lora_pipeline.core.evaluation.checks import (
+    CHECKS_BY_NAME,
+    CheckOutcome,
+    checklist,
+    overall,
+    training_loss,
+)
 from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage
 from shoe_lora_pipeline.core.evaluation.metrics import (
     CLIP_SCORE_NOTE,
@@ -43,30 +41,29 @@ from shoe_lora_pipeline.core.evaluation.metrics import (
     MetricResult,
 )
 from shoe_lora_pipeline.core.evaluation.qa import QASummary
+from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
+from shoe_lora_pipeline.core.markdown import md_table
+from shoe_lora_pipeline.core.run_artifacts import (
+    VALIDATION_LOSS_NAME,
+    best_validation_step,
+    grid_step,
+    plot_loss_curve,
+    read_losses_csv,
+    read_validation_losses,
+)
+
+if TYPE_CHECKING:
+    import jinja2
+    from markupsafe import Markup
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).with_name("metrics.schema.json")
+TEMPLATES_DIR = Path(__file__).with_name("templates")
 COMPARISON_CELL = 256  # px per image in the base-vs-LoRA grids
+COMPARISON_GAP = 8  # px between tiles, so white-background tiles never run into each other
+COMPARISON_BACKGROUND = (228, 228, 228)  # the grid's plain background: gaps and label bands
+COMPARISON_TEXT = (20, 20, 20)
 HTML_MAX_WIDTH = 1024  # px: inlined images are downscaled to this width at most
-EMA_DECAY = 0.9  # same smoothing as training's smoothed_loss
-
-Severity = Literal["WARN", "ERROR"]
-CheckStatus = Literal["pass", "fail", "unavailable"]
-
-
-@dataclass
-class CheckOutcome:
-    name: str
-    passed: bool
-    severity: Severity
-    value: float | None
-    threshold: float
-    reason: str
-    status: CheckStatus = "fail"
-    comparator: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -79,166 +76,28 @@ class ReportPaths:
     comparison_grids: list[Path] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checklist
-# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Findings:
+    """What the evaluation measured and decided: the input of metrics.json and of both reports."""
+
+    metrics_lora: Mapping[str, MetricResult]
+    metrics_base: Mapping[str, MetricResult]
+    qa_lora: QASummary | None
+    qa_base: QASummary | None
+    thresholds: EvaluationThresholds
+    checks: Sequence[CheckOutcome]
+    training_summary: Mapping[str, Any] | None = None
+    provenance: Mapping[str, Any] | None = None
 
 
-def _compare(value: float, comparator: str, threshold: float) -> bool:
-    return {"<": value < threshold, ">": value > threshold, ">=": value >= threshold}[comparator]
+@dataclass(frozen=True)
+class Comparison:
+    """One prompt's base-vs-LoRA grid: written to ``path``, kept in memory for the HTML."""
 
-
-def _check(
-    name: str,
-    value: float | None,
-    comparator: str,
-    threshold: float,
-    fail_severity: Severity,
-    unavailable_reason: str,
-    detail: str = "",
-) -> CheckOutcome:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return CheckOutcome(
-            name,
-            False,
-            "WARN",
-            None,
-            threshold,
-            f"unavailable: {unavailable_reason}",
-            "unavailable",
-            comparator,
-        )
-    ok = _compare(float(value), comparator, threshold)
-    text = (
-        f"{value:.4g} {comparator} {threshold:g}" if ok else f"{value:.4g} is not {comparator} {threshold:g}"
-    )
-    if detail:
-        text += f"; {detail}"
-    # severity is the check's class (what a failure means), also reported when it passes.
-    return CheckOutcome(
-        name, ok, fail_severity, float(value), threshold, text, "pass" if ok else "fail", comparator
-    )
-
-
-def _metric_value(metrics: Mapping[str, MetricResult], name: str) -> tuple[float | None, str]:
-    m = metrics.get(name)
-    if m is None:
-        return None, f"{name} was not computed"
-    if not m.ok:
-        return None, (m.reason or m.status) if m.status == "unavailable" else f"{m.status}: {m.reason}"
-    return m.value, ""
-
-
-def training_loss(training_summary: Mapping[str, Any] | None) -> tuple[float | None, str]:
-    """(loss the checklist uses, which one): the smoothed (EMA) loss when recorded, else the last step's."""
-    if not training_summary:
-        return None, "no training_summary.json"
-    for key in ("smoothed_loss", "final_loss"):
-        v = training_summary.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            return float(v), key
-    return None, "training_summary.json records no final/smoothed loss"
-
-
-def checklist(
-    metrics: Mapping[str, MetricResult],
-    qa: QASummary | None,
-    training_summary: Mapping[str, Any] | None,
-    thresholds: EvaluationThresholds,
-) -> list[CheckOutcome]:
-    """The seed's checklist on the LoRA's metrics and QA (plus a memorisation WARN); see module doc."""
-    t = thresholds
-    checks: list[CheckOutcome] = []
-    loss, which = training_loss(training_summary)
-    checks.append(
-        _check("final_loss", loss, "<", t.final_loss_max, "WARN", which, f"({which})" if loss else "")
-    )
-    no_qa = "no QA results"
-    checks.append(
-        _check(
-            "white_background",
-            qa.white_background_share if qa else None,
-            ">=",
-            t.white_background_min,
-            "ERROR",
-            "no images" if qa else no_qa,
-            "share of generations whose border is near-white",
-        )
-    )
-    checks.append(
-        _check(
-            "centred",
-            qa.centred_share if qa else None,
-            ">=",
-            t.centred_min,
-            "ERROR",
-            "no images" if qa else no_qa,
-            "share of generations with the product centred",
-        )
-    )
-    checks.append(
-        _check(
-            "colour_adherence",
-            qa.colour_respected_share if qa else None,
-            ">=",
-            t.colour_adherence_min,
-            "ERROR",
-            "no prompt names a scorable colour" if qa else no_qa,
-            f"share of {qa.n_colour_scored if qa else 0} colour-prompted generations matching the colour",
-        )
-    )
-    collapse = (
-        f"mode collapse in prompt(s) {qa.mode_collapse_prompts}" if qa and qa.mode_collapse_prompts else ""
-    )
-    checks.append(
-        _check(
-            "no_mode_collapse",
-            qa.min_diversity if qa else None,
-            ">=",
-            t.diversity_min_hamming,
-            "ERROR",
-            "needs >= 2 images per prompt" if qa else no_qa,
-            collapse or "lowest mean pHash distance within a prompt",
-        )
-    )
-    for name, comparator, threshold in (
-        ("fid", "<", t.fid_max),
-        ("clip_score", ">", t.clip_score_min),
-        ("inception_score", ">", t.inception_score_min),
-    ):
-        value, why = _metric_value(metrics, name)
-        detail = "small-sample estimate" if name != "clip_score" else ""
-        checks.append(_check(name, value, comparator, threshold, "WARN", why, detail))
-    if qa is not None:
-        n_mem = len(qa.memorised)
-        checks.append(
-            CheckOutcome(
-                "no_memorisation",
-                n_mem == 0,
-                "WARN",
-                float(n_mem),
-                0.0,
-                f"no generation within pHash distance {qa.memorisation_max_distance} of a training image"
-                if n_mem == 0
-                else f"{n_mem} generation(s) within pHash distance {qa.memorisation_max_distance} of a "
-                "training image (near-copies): "
-                + ", ".join(f"{Path(m['image']).name}≈{m['nearest_train']}" for m in qa.memorised[:5]),
-                "pass" if n_mem == 0 else "fail",
-                "<=",
-            )
-        )
-    return checks
-
-
-def overall(checks: Sequence[CheckOutcome]) -> dict[str, Any]:
-    errors = [c.name for c in checks if not c.passed and c.severity == "ERROR"]
-    warnings = [c.name for c in checks if not c.passed and c.severity == "WARN"]
-    return {
-        "passed": not errors,
-        "errors": len(errors),
-        "warnings": len(warnings),
-        "failed_checks": errors + warnings,
-    }
+    index: int
+    prompt: str
+    path: Path
+    image: Image.Image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,12 +150,8 @@ def metric_rows(
     t = thresholds
     rows: list[list[str]] = []
     kinds = {"fid": "num", "kid": "small", "inception_score": "num", "clip_score": "num"}
-    limits = {
-        "fid": f"< {t.fid_max:g}",
-        "kid": "(lower is better)",
-        "inception_score": f"> {t.inception_score_min:g}",
-        "clip_score": f"> {t.clip_score_min:g}",
-    }
+    limits = {name: CHECKS_BY_NAME[name].limit_text(t) for name in ("fid", "inception_score", "clip_score")}
+    limits["kid"] = "(lower is better)"
     for name, (label, higher) in METRIC_INFO.items():
         arrow = "↑" if higher else "↓"
         rows.append(
@@ -309,7 +164,8 @@ def metric_rows(
             ]
         )
 
-    def qa_row(label: str, attr: str, kind: str, limit: str, check: str) -> None:
+    def qa_row(label: str, attr: str, kind: str, check: str) -> None:
+        limit = CHECKS_BY_NAME[check].limit_text(t) if check else "(info)"
         rows.append(
             [
                 label,
@@ -320,36 +176,18 @@ def metric_rows(
             ]
         )
 
-    qa_row(
-        "White background ↑",
-        "white_background_share",
-        "share",
-        f">= {t.white_background_min:.0%}",
-        "white_background",
-    )
-    qa_row("Centred ↑", "centred_share", "share", f">= {t.centred_min:.0%}", "centred")
-    qa_row(
-        "Colour respected ↑",
-        "colour_respected_share",
-        "share",
-        f">= {t.colour_adherence_min:.0%}",
-        "colour_adherence",
-    )
-    qa_row(
-        "Min diversity (pHash bits) ↑",
-        "min_diversity",
-        "num",
-        f">= {t.diversity_min_hamming:g}",
-        "no_mode_collapse",
-    )
-    qa_row("Single object ↑", "single_object_share", "share", "(info)", "")
-    qa_row("Mean sharpness ↑", "mean_sharpness", "num", "(info)", "")
+    qa_row("White background ↑", "white_background_share", "share", "white_background")
+    qa_row("Centred ↑", "centred_share", "share", "centred")
+    qa_row("Colour respected ↑", "colour_respected_share", "share", "colour_adherence")
+    qa_row("Min diversity (pHash bits) ↑", "min_diversity", "num", "no_mode_collapse")
+    qa_row("Single object ↑", "single_object_share", "share", "")
+    qa_row("Mean sharpness ↑", "mean_sharpness", "num", "")
     rows.append(
         [
             "Memorised (near-copies) ↓",
             str(len(qa_base.memorised)) if qa_base else "—",
             str(len(qa_lora.memorised)) if qa_lora else "—",
-            "0",
+            CHECKS_BY_NAME["no_memorisation"].limit_text(t),
             _check_cell(by_name.get("no_memorisation")),
         ]
     )
@@ -359,7 +197,7 @@ def metric_rows(
             "Final training loss ↓",
             "n/a",
             _fmt(loss, "small"),
-            f"< {t.final_loss_max:g}",
+            CHECKS_BY_NAME["final_loss"].limit_text(t),
             _check_cell(by_name.get("final_loss")),
         ]
     )
@@ -368,15 +206,6 @@ def metric_rows(
 
 METRIC_TABLE_HEADER = ["Metric", "Base", "LoRA", "Threshold", "LoRA check"]
 CHECK_TABLE_HEADER = ["Check", "Result", "Severity (on failure)", "Value", "Threshold", "Reason"]
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def esc(s: str) -> str:
-        return str(s).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def metric_table_markdown(
@@ -390,7 +219,7 @@ def metric_table_markdown(
 ) -> str:
     """The base-vs-LoRA metric table as markdown (for Dagster metadata and report.md)."""
     rows = metric_rows(metrics_lora, metrics_base, qa_lora, qa_base, checks, thresholds, training_summary)
-    return _md_table(METRIC_TABLE_HEADER, rows)
+    return md_table(METRIC_TABLE_HEADER, rows)
 
 
 def _qa_rows(qa_lora: QASummary | None, qa_base: QASummary | None) -> list[list[str]]:
@@ -471,58 +300,34 @@ def how_to_enable(metrics: Sequence[Mapping[str, MetricResult]]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_losses(losses_csv: Path | None) -> list[dict[str, float]]:
-    if losses_csv is None or not Path(losses_csv).is_file():
-        return []
-    rows = []
-    with open(losses_csv, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            try:
-                rows.append({"step": float(r["step"]), "loss": float(r["loss"])})
-            except (KeyError, TypeError, ValueError):
-                continue  # a torn last line of a run that was killed
-    return rows
+_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
-def plot_loss_curve(losses_csv: Path | None, path: Path, threshold: float | None = None) -> Path | None:
-    """Loss and its EMA against the step, with the checklist threshold; Agg canvas (no pyplot state)."""
-    rows = read_losses(losses_csv)
-    if not rows:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps = [r["step"] for r in rows]
-    losses = [r["loss"] for r in rows]
-    smooth: list[float] = []
-    for v in losses:
-        smooth.append(v if not smooth else EMA_DECAY * smooth[-1] + (1 - EMA_DECAY) * v)
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"EMA ({EMA_DECAY})")
-    if threshold is not None:
-        ax.axhline(
-            threshold, color="tab:red", linestyle="--", linewidth=1, label=f"checklist < {threshold:g}"
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MSE loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+def _font(size: int) -> _Font:
+    """PIL's bundled font at ``size`` px (Pillow >= 10.1 with FreeType), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # older Pillow (no size argument) or no FreeType
+        return ImageFont.load_default()
 
 
-def grid_step(path: Path) -> int:
-    m = re.search(r"step(\d+)", Path(path).stem)
-    return int(m.group(1)) if m else -1
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: _Font, width: float, max_lines: int = 4) -> list[str]:
+    """Greedy word wrap to ``width`` px (a word longer than a line is left to overflow)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [textwrap.shorten(" ".join(lines[max_lines - 1 :]), 60)]
+    return lines or [""]
 
 
 def comparison_grid(pairs: Sequence[tuple[GeneratedImage, GeneratedImage]], title: str) -> Image.Image:
-    """Two rows (base, LoRA), one column per seed, labelled."""
+    """Two rows (base, LoRA), one column per seed. Tiles are separated by gaps and every label (title,
+    row names, seeds) sits on the plain background, never on an image, so it stays readable however
+    noisy the generations are."""
     pairs = sorted(pairs, key=lambda p: p[1].image_index)
     cells: list[list[Image.Image]] = [[], []]
     for base, lora in pairs:
@@ -531,21 +336,30 @@ def comparison_grid(pairs: Sequence[tuple[GeneratedImage, GeneratedImage]], titl
                 im = img.convert("RGB")
                 im.thumbnail((COMPARISON_CELL, COMPARISON_CELL), Image.Resampling.LANCZOS)
                 cells[row].append(im.copy())
+    gap = COMPARISON_GAP
     cell_w = max((im.width for row in cells for im in row), default=COMPARISON_CELL)
     cell_h = max((im.height for row in cells for im in row), default=COMPARISON_CELL)
-    label_w = 60
-    width = label_w + cell_w * max(1, len(pairs))
-    lines = textwrap.wrap(title, width=max(20, (width - 8) // 6))[:4]  # default PIL font: ~6 px a character
-    title_h = 8 + 13 * len(lines)
-    grid = Image.new("RGB", (width, title_h + 2 * cell_h), "white")
+    font = _font(14)
+    line_h = 18
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    seeds = [f"seed {lora.seed}" for _, lora in pairs]
+    col_w = max([cell_w] + [round(probe.textlength(s, font=font)) for s in seeds])  # labels never overlap
+    n_cols = max(1, len(pairs))
+    label_w = gap + round(max(probe.textlength(n, font=font) for n in ("base", "LoRA"))) + gap
+    width = label_w + n_cols * col_w + (n_cols - 1) * gap + gap
+    lines = _wrap(probe, title, font, width - 2 * gap)
+    title_h = gap + line_h * len(lines) + gap
+    top = title_h + line_h + gap // 2  # tiles start below the title and the band of seed labels
+    grid = Image.new("RGB", (width, top + 2 * cell_h + gap + gap), COMPARISON_BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    draw.multiline_text((4, 4), "\n".join(lines), fill="black", spacing=2)
+    draw.multiline_text((gap, gap), "\n".join(lines), fill=COMPARISON_TEXT, font=font, spacing=4)
+    for c, seed in enumerate(seeds):
+        draw.text((label_w + c * (col_w + gap), title_h), seed, fill=COMPARISON_TEXT, font=font)
     for r, name in enumerate(("base", "LoRA")):
-        draw.text((4, title_h + r * cell_h + cell_h // 2 - 6), name, fill="black")
+        y = top + r * (cell_h + gap)
+        draw.text((gap, y + cell_h // 2 - line_h // 2), name, fill=COMPARISON_TEXT, font=font)
         for c, im in enumerate(cells[r]):
-            grid.paste(im, (label_w + c * cell_w, title_h + r * cell_h))
-    for c, (_, lora) in enumerate(pairs):
-        draw.text((label_w + c * cell_w + 3, title_h + 2), f"seed {lora.seed}", fill=(200, 0, 0))
+            grid.paste(im, (label_w + c * (col_w + gap), y))
     return grid
 
 
@@ -592,42 +406,32 @@ def _finite(obj: Any) -> Any:
 
 
 def metrics_document(
-    *,
-    metrics_lora: Mapping[str, MetricResult],
-    metrics_base: Mapping[str, MetricResult],
-    qa_lora: QASummary | None,
-    qa_base: QASummary | None,
-    thresholds: EvaluationThresholds,
-    checks: Sequence[CheckOutcome],
-    provenance: Mapping[str, Any] | None,
-    training_summary: Mapping[str, Any] | None,
-    settings: Mapping[str, Any] | None,
-    artefacts: Mapping[str, Any],
+    f: Findings, *, settings: Mapping[str, Any] | None, artefacts: Mapping[str, Any]
 ) -> dict[str, Any]:
-    loss, which = training_loss(training_summary)
+    loss, which = training_loss(f.training_summary)
     doc = {
         "schema_version": SCHEMA_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "overall": overall(checks),
-        "thresholds": thresholds.model_dump(mode="json"),
+        "overall": overall(f.checks),
+        "thresholds": f.thresholds.model_dump(mode="json"),
         "settings": dict(settings or {}),
         "metrics": {
-            "base": {k: v.to_dict() for k, v in metrics_base.items()},
-            "lora": {k: v.to_dict() for k, v in metrics_lora.items()},
+            "base": {k: v.to_dict() for k, v in f.metrics_base.items()},
+            "lora": {k: v.to_dict() for k, v in f.metrics_lora.items()},
         },
         "qa": {
-            "base": qa_base.to_dict() if qa_base else None,
-            "lora": qa_lora.to_dict() if qa_lora else None,
+            "base": f.qa_base.to_dict() if f.qa_base else None,
+            "lora": f.qa_lora.to_dict() if f.qa_lora else None,
         },
-        "checks": [c.to_dict() for c in checks],
+        "checks": [c.to_dict() for c in f.checks],
         "training": {
-            "final_loss": (training_summary or {}).get("final_loss"),
-            "smoothed_loss": (training_summary or {}).get("smoothed_loss"),
+            "final_loss": (f.training_summary or {}).get("final_loss"),
+            "smoothed_loss": (f.training_summary or {}).get("smoothed_loss"),
             "checked_loss": loss,
             "checked_loss_source": which,
         },
         "artefacts": dict(artefacts),
-        "provenance": dict(provenance or {}),
+        "provenance": dict(f.provenance or {}),
     }
     # Round-trip through JSON so the document is exactly what the file holds.
     return json.loads(json.dumps(_finite(doc), default=_json_default))
@@ -641,34 +445,58 @@ def load_schema() -> dict[str, Any]:
 # report.md / report.html
 # ----------------------------------------------------------------------------------------------
 
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
-th{background:#f3f3f3}.pass{color:#11772c;font-weight:600}.fail{color:#b00020;font-weight:600}
-.unavailable{color:#a66300;font-weight:600}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}
-img{max-width:100%;border:1px solid #eee}.verdict{font-size:1.2em;padding:.4em .8em;display:inline-block}
-code{background:#f5f5f5;padding:0 3px}
-"""
+_CODE_SPAN = re.compile(r"`([^`]+)`")
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def cell(text: str) -> str:
-        low = text.lower()
-        cls = (
-            "fail"
-            if low.startswith("fail")
-            else "pass"
-            if low == "pass"
-            else "unavailable"
-            if low.startswith("unavailable")
-            else ""
-        )
-        return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> dict[str, Any]:
+    return {"header": list(header), "rows": [[str(c) for c in row] for row in rows]}
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(str(c)) for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+def _md_table_filter(table: Mapping[str, Any]) -> str:
+    return md_table(table["header"], table["rows"])
+
+
+def _code_spans(text: str) -> Markup:
+    """Escaped ``text`` with its markdown code spans (`` `x` ``) as ``<code>x</code>``."""
+    from markupsafe import Markup, escape
+
+    parts = _CODE_SPAN.split(str(text))  # even indices: plain text; odd: the inside of a code span
+    return Markup("").join(
+        escape(p) if i % 2 == 0 else Markup("<code>%s</code>") % p for i, p in enumerate(parts)
+    )
+
+
+def _status_class(text: str) -> str:
+    """CSS class of a table cell: pass / fail / unavailable, else none."""
+    low = str(text).lower()
+    if low.startswith("fail"):
+        return "fail"
+    if low == "pass":
+        return "pass"
+    return "unavailable" if low.startswith("unavailable") else ""
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(
+        md_table=_md_table_filter, code_spans=_code_spans, status_class=_status_class, data_uri=_data_uri
+    )
+    return env
+
+
+def render_report(template: str, context: Mapping[str, Any]) -> str:
+    """Render ``templates/{template}`` (``report.md.j2`` or ``report.html.j2``) with ``context``."""
+    return _templates().get_template(template).render(context)
 
 
 def _check_rows(checks: Sequence[CheckOutcome]) -> list[list[str]]:
@@ -687,6 +515,90 @@ def _check_rows(checks: Sequence[CheckOutcome]) -> list[list[str]]:
 
 def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
+
+
+def _validation_loss_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The held-out validation loss in one line: the lowest (and its step) and the last."""
+    if not rows:
+        return None
+    best = best_validation_step(rows)
+    lowest = next(r for r in rows if r["step"] == best)
+    return {
+        "best_step": best,
+        "best": f"{lowest['val_loss']:.5f}",
+        "last_step": rows[-1]["step"],
+        "last": f"{rows[-1]['val_loss']:.5f}",
+    }
+
+
+def report_context(
+    out_dir: Path,
+    f: Findings,
+    *,
+    loss_png: Path | None,
+    validation_grids: Sequence[Path],
+    comparisons: Sequence[Comparison],
+    validation_losses: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """Everything report.md and report.html show, once. Images carry ``path`` (relative to ``out_dir``,
+    for the markdown) and ``source`` (file or image, inlined by the HTML's ``data_uri`` filter)."""
+    verdict = overall(f.checks)
+    fid = f.metrics_lora.get("fid") or MetricResult("fid", None, "unavailable")
+    rows = metric_rows(
+        f.metrics_lora, f.metrics_base, f.qa_lora, f.qa_base, f.checks, f.thresholds, f.training_summary
+    )
+    return {
+        "verdict": {
+            "passed": verdict["passed"],
+            "text": ("PASSED" if verdict["passed"] else "FAILED")
+            + f" — {verdict['errors']} error(s), {verdict['warnings']} warning(s)",
+        },
+        "checks": _table(CHECK_TABLE_HEADER, _check_rows(f.checks)),
+        "metrics": _table(METRIC_TABLE_HEADER, rows),
+        "small_note": f"FID/KID/IS here use {fid.n_generated} generations per model: "
+        f"{FID_SMALL_SAMPLE_NOTE} {CLIP_SCORE_NOTE}",
+        "notes": how_to_enable([f.metrics_lora, f.metrics_base]),
+        "loss_curve": {"path": _rel(loss_png, out_dir), "source": loss_png} if loss_png else None,
+        "validation_loss": _validation_loss_summary(validation_losses),
+        "validation_grids": [
+            {"step": grid_step(g), "path": _rel(g, out_dir), "source": g} for g in validation_grids
+        ],
+        "comparisons": [
+            {"index": c.index, "prompt": c.prompt, "path": _rel(c.path, out_dir), "source": c.image}
+            for c in comparisons
+        ],
+        "qa": _table(QA_TABLE_HEADER, _qa_rows(f.qa_lora, f.qa_base)),
+        "memorised": [
+            {
+                "image": Path(m["image"]).name,
+                "nearest_train": str(m["nearest_train"]),
+                "distance": m["distance"],
+            }
+            for m in (f.qa_lora.memorised if f.qa_lora else [])
+        ],
+        "provenance": _table(
+            ["Key", "Value"],
+            [[k, v if isinstance(v, str) else json.dumps(v)] for k, v in (f.provenance or {}).items()],
+        ),
+    }
+
+
+def write_comparison_grids(
+    folder: Path, pairs: Sequence[tuple[GeneratedImage, GeneratedImage]]
+) -> list[Comparison]:
+    """One base-vs-LoRA grid per prompt, ``folder/prompt{P}.png``, in prompt order."""
+    by_prompt: dict[int, list[tuple[GeneratedImage, GeneratedImage]]] = {}
+    for base, lora in pairs:
+        by_prompt.setdefault(lora.prompt_index, []).append((base, lora))
+    comparisons = []
+    for p in sorted(by_prompt):
+        prompt = by_prompt[p][0][1].prompt
+        grid = comparison_grid(by_prompt[p], f"prompt {p}: {prompt}")
+        path = folder / f"prompt{p}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        comparisons.append(Comparison(p, prompt, path, grid))
+    return comparisons
 
 
 def write_report(
@@ -710,169 +622,46 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     if checks is None:
         checks = checklist(metrics_lora, qa_lora, training_summary, thresholds)
-    checks = list(checks)
-    loss_png = plot_loss_curve(losses_csv, out_dir / "loss_curve.png", thresholds.final_loss_max)
+    findings = Findings(
+        metrics_lora, metrics_base, qa_lora, qa_base, thresholds, list(checks), training_summary, provenance
+    )
+    validation = read_validation_losses(losses_csv.parent / VALIDATION_LOSS_NAME) if losses_csv else []
+    loss_png = plot_loss_curve(
+        read_losses_csv(losses_csv),
+        out_dir / "loss_curve.png",
+        validation=validation,
+        threshold=thresholds.final_loss_max,
+    )
     grids = sorted(
         (Path(g) for g in validation_grids if Path(g).is_file()), key=lambda p: (grid_step(p), p.name)
     )
-
-    by_prompt: dict[int, list[tuple[GeneratedImage, GeneratedImage]]] = {}
-    for base, lora in base_vs_lora_pairs:
-        by_prompt.setdefault(lora.prompt_index, []).append((base, lora))
-    comp_dir = out_dir / "comparisons"
-    comparison_paths: list[Path] = []
-    comparison_images: list[tuple[int, str, Image.Image]] = []
-    if by_prompt:
-        comp_dir.mkdir(exist_ok=True)
-    for p in sorted(by_prompt):
-        prompt = by_prompt[p][0][1].prompt
-        grid = comparison_grid(by_prompt[p], f"prompt {p}: {prompt}")
-        path = comp_dir / f"prompt{p}.png"
-        grid.save(path)
-        comparison_paths.append(path)
-        comparison_images.append((p, prompt, grid))
-
+    comparisons = write_comparison_grids(out_dir / "comparisons", base_vs_lora_pairs)
     paths = ReportPaths(
         out_dir=out_dir,
         metrics_json=out_dir / "metrics.json",
         report_md=out_dir / "report.md",
         report_html=out_dir / "report.html",
         loss_curve_png=loss_png,
-        comparison_grids=comparison_paths,
+        comparison_grids=[c.path for c in comparisons],
     )
     artefacts = {
         "report_md": paths.report_md.name,
         "report_html": paths.report_html.name,
         "loss_curve": _rel(loss_png, out_dir) if loss_png else None,
-        "comparison_grids": [_rel(p, out_dir) for p in comparison_paths],
+        "comparison_grids": [_rel(p, out_dir) for p in paths.comparison_grids],
         "validation_grids": [str(g) for g in grids],
         "losses_csv": str(losses_csv) if losses_csv else None,
     }
-    doc = metrics_document(
-        metrics_lora=metrics_lora,
-        metrics_base=metrics_base,
-        qa_lora=qa_lora,
-        qa_base=qa_base,
-        thresholds=thresholds,
-        checks=checks,
-        provenance=provenance,
-        training_summary=training_summary,
-        settings=settings,
-        artefacts=artefacts,
+    doc = metrics_document(findings, settings=settings, artefacts=artefacts)
+    atomic_write_json(paths.metrics_json, doc, indent=2, ensure_ascii=False)
+    context = report_context(
+        out_dir,
+        findings,
+        loss_png=loss_png,
+        validation_grids=grids,
+        comparisons=comparisons,
+        validation_losses=validation,
     )
-    _write_text(paths.metrics_json, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-
-    verdict = doc["overall"]
-    table = metric_rows(metrics_lora, metrics_base, qa_lora, qa_base, checks, thresholds, training_summary)
-    qa_rows = _qa_rows(qa_lora, qa_base)
-    notes = how_to_enable([metrics_lora, metrics_base])
-    memorised = qa_lora.memorised if qa_lora else []
-    verdict_text = (
-        "PASSED" if verdict["passed"] else "FAILED"
-    ) + f" — {verdict['errors']} error(s), {verdict['warnings']} warning(s)"
-    small_note = (
-        f"FID/KID/IS here use {(metrics_lora.get('fid') or MetricResult('fid', None, 'unavailable')).n_generated} "
-        f"generations per model: {FID_SMALL_SAMPLE_NOTE} {CLIP_SCORE_NOTE}"
-    )
-
-    # ---- markdown
-    md = [f"# Evaluation report\n\n**{verdict_text}**\n"]
-    md += [
-        "## Checklist (LoRA)\n",
-        _md_table(CHECK_TABLE_HEADER, _check_rows(checks)),
-        "",
-    ]
-    md += ["## Metrics: base vs LoRA\n", _md_table(METRIC_TABLE_HEADER, table), "", f"_{small_note}_", ""]
-    if notes:
-        md += ["## How to get FID / IS / CLIP numbers\n"] + [f"- {n}" for n in notes] + [""]
-    md += ["## Training loss\n"]
-    md += [f"![loss curve]({_rel(loss_png, out_dir)})\n" if loss_png else "_No losses.csv found._\n"]
-    md += ["## Validation grids across checkpoints\n"]
-    md += [f"### step {grid_step(g)}\n\n![step {grid_step(g)}]({_rel(g, out_dir)})\n" for g in grids] or [
-        "_No validation grids._\n"
-    ]
-    md += ["## Base vs LoRA (same prompt, same seed)\n"]
-    md += [
-        f"### Prompt {p}: {prompt}\n\n![prompt {p}]({_rel(comp_dir / f'prompt{p}.png', out_dir)})\n"
-        for p, prompt, _ in comparison_images
-    ] or ["_No generations._\n"]
-    md += ["## QA per prompt (base / LoRA)\n", _md_table(QA_TABLE_HEADER, qa_rows), ""]
-    if memorised:
-        md += (
-            ["## Possible memorisation (LoRA)\n"]
-            + [
-                f"- `{Path(m['image']).name}` ≈ training `{m['nearest_train']}` (pHash distance {m['distance']})"
-                for m in memorised
-            ]
-            + [""]
-        )
-    md += [
-        "## Provenance\n",
-        _md_table(
-            ["Key", "Value"],
-            [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in (provenance or {}).items()],
-        ),
-        "",
-    ]
-    _write_text(paths.report_md, "\n".join(md) + "\n")
-
-    # ---- html (self-contained)
-    h = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Evaluation report</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Evaluation report</h1>",
-        f"<p class='verdict {'pass' if verdict['passed'] else 'fail'}'>{html.escape(verdict_text)}</p>",
-        "<h2>Checklist (LoRA)</h2>",
-        _html_table(CHECK_TABLE_HEADER, _check_rows(checks)),
-        "<h2>Metrics: base vs LoRA</h2>",
-        _html_table(METRIC_TABLE_HEADER, table),
-        f"<p><small>{html.escape(small_note)}</small></p>",
-    ]
-    if notes:
-        h.append("<h2>How to get FID / IS / CLIP numbers</h2><div class='note'><ul>")
-        h += [f"<li>{html.escape(n)}</li>" for n in notes]
-        h.append("</ul></div>")
-    h.append("<h2>Training loss</h2>")
-    h.append(
-        f"<img alt='loss curve' src='{_data_uri(loss_png, fmt='PNG')}'>"
-        if loss_png
-        else "<p>No losses.csv found.</p>"
-    )
-    h.append("<h2>Validation grids across checkpoints</h2>")
-    if grids:
-        for g in grids:
-            h.append(
-                f"<h3>step {grid_step(g)}</h3><img alt='validation grid step {grid_step(g)}' src='{_data_uri(g)}'>"
-            )
-    else:
-        h.append("<p>No validation grids.</p>")
-    h.append("<h2>Base vs LoRA (same prompt, same seed)</h2>")
-    for p, prompt, grid in comparison_images:
-        h.append(f"<h3>Prompt {p}: {html.escape(prompt)}</h3><img alt='prompt {p}' src='{_data_uri(grid)}'>")
-    if not comparison_images:
-        h.append("<p>No generations.</p>")
-    h += ["<h2>QA per prompt (base / LoRA)</h2>", _html_table(QA_TABLE_HEADER, qa_rows)]
-    if memorised:
-        h.append("<h2>Possible memorisation (LoRA)</h2><ul>")
-        h += [
-            f"<li>{html.escape(Path(m['image']).name)} ≈ training {html.escape(str(m['nearest_train']))} "
-            f"(pHash distance {m['distance']})</li>"
-            for m in memorised
-        ]
-        h.append("</ul>")
-    h += [
-        "<h2>Provenance</h2>",
-        _html_table(
-            ["Key", "Value"],
-            [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in (provenance or {}).items()],
-        ),
-        "</body></html>",
-    ]
-    _write_text(paths.report_html, "\n".join(h) + "\n")
+    atomic_write_text(paths.report_md, render_report("report.md.j2", context))
+    atomic_write_text(paths.report_html, render_report("report.html.j2", context))
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -32,6 +32,7 @@ from shoe_lora_pipeline.core.evaluation.report import (
     overall,
     write_report,
 )
+from shoe_lora_pipeline.core.run_artifacts import validation_grids
 
 logger = logging.getLogger(__name__)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -143,6 +144,124 @@ def _preserving_global_rng(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _resolve_device(base: PipelineSource, device: str | torch.device | None) -> torch.device:
+    """``device``, else the given base pipeline's, else the best available."""
+    if device is None:
+        existing = getattr(base, "device", None) if not isinstance(base, str | Path) else None
+        if existing is not None:
+            return torch.device(existing)
+        from shoe_lora_pipeline.core.device import choose_device
+
+        return torch.device(choose_device("auto").torch_device)
+    return torch.device(device)
+
+
+def _generation_kwargs(config: EvaluationConfig, side: int, out_dir: Path) -> dict[str, Any]:
+    """The keyword arguments of :func:`generate_images`, the same for base and LoRA."""
+    return {
+        "prompts": list(config.prompts),
+        "images_per_prompt": config.images_per_prompt,
+        "seed": config.seed,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "height": side,
+        "width": side,
+        "out_dir": out_dir,
+    }
+
+
+def _generate_both(
+    lora: PipelineSource,
+    base: PipelineSource,
+    dev: torch.device,
+    dtype: torch.dtype,
+    gen_kwargs: Mapping[str, Any],
+    timings: dict[str, float],
+    say: Callable[[str], None],
+) -> tuple[list[GeneratedImage], list[GeneratedImage]]:
+    """(base images, LoRA images): base first, then the LoRA — as an adapter on the base when given as a
+    weights folder, else as its own pipeline once the base one is released."""
+    n = len(gen_kwargs["prompts"]) * gen_kwargs["images_per_prompt"]
+    t = time.perf_counter()
+    base_pipe = load_pipeline(Path(base), dev, dtype) if isinstance(base, str | Path) else base
+    side, steps = gen_kwargs["height"], gen_kwargs["num_inference_steps"]
+    say(f"evaluation: generating {n} base images at {side}px, {steps} steps")
+    generated_base = generate_images(base_pipe, tag="base", **gen_kwargs)
+    timings["generate_base_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    say(f"evaluation: generating {n} LoRA images")
+    if isinstance(lora, str | Path) and is_lora_dir(Path(lora)):
+        base_pipe.load_lora_weights(str(lora), adapter_name=EVAL_ADAPTER)
+        try:
+            generated_lora = generate_images(base_pipe, tag="lora", **gen_kwargs)
+        finally:
+            base_pipe.delete_adapters(EVAL_ADAPTER)  # leave a caller's pipeline as it was given
+        del base_pipe
+    else:
+        del base_pipe  # free the base UNet (when loaded here) before loading the LoRA pipeline
+        _release(dev)
+        lora_pipe = load_pipeline(Path(lora), dev, dtype) if isinstance(lora, str | Path) else lora
+        generated_lora = generate_images(lora_pipe, tag="lora", **gen_kwargs)
+        del lora_pipe
+    _release(dev)
+    timings["generate_lora_s"] = round(time.perf_counter() - t, 2)
+    return generated_base, generated_lora
+
+
+def _metrics_both(
+    config: EvaluationConfig,
+    reference: list[Path],
+    generated: tuple[list[GeneratedImage], list[GeneratedImage]],
+    dev: torch.device,
+    feature_extractor: torch.nn.Module | None,
+    clip_loader: Callable[[], tuple[Any, Any]] | None,
+    say: Callable[[str], None],
+) -> tuple[dict[str, MetricResult], dict[str, MetricResult]]:
+    """(base metrics, LoRA metrics) against the ``reference`` images; the metric models are released after."""
+    suite = MetricSuite(
+        reference,
+        inception_weights=config.inception_weights,
+        clip_model_dir=config.clip_model_dir,
+        feature_extractor=feature_extractor,
+        clip_loader=clip_loader,
+        reference_label=f"test split ({len(reference)} images)",
+        device=dev,
+    )
+    metrics_base, metrics_lora = [
+        suite.compute(
+            [g.path for g in images],
+            [g.prompt for g in images],
+            label,
+            group_ids=[g.prompt_index for g in images],
+        )
+        for images, label in zip(generated, ("base", "LoRA"), strict=True)
+    ]
+    del suite
+    _release(dev)
+    for name, m in metrics_lora.items():
+        say(
+            f"evaluation: {name} LoRA = {m.value if m.ok else m.status}"
+            + (f" ({m.reason})" if m.reason else "")
+        )
+    return metrics_base, metrics_lora
+
+
+def _pairs(
+    generated_base: list[GeneratedImage], generated_lora: list[GeneratedImage]
+) -> list[tuple[GeneratedImage, GeneratedImage]]:
+    """(base, LoRA) generations of the same prompt and seed."""
+    base_by_cell = {(g.prompt_index, g.image_index): g for g in generated_base}
+    return [
+        (base_by_cell[(g.prompt_index, g.image_index)], g)
+        for g in generated_lora
+        if (g.prompt_index, g.image_index) in base_by_cell
+    ]
+
+
+def _describe(source: PipelineSource) -> str:
+    return str(source) if isinstance(source, str | Path) else type(source).__name__
+
+
 @_preserving_global_rng
 def evaluate(
     *,
@@ -177,105 +296,30 @@ def evaluate(
     out_dir = Path(out_dir) if out_dir is not None else training_output_dir / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
     side = int(config.resolution or resolution or 512)
-    if device is None:
-        existing = getattr(base, "device", None) if not isinstance(base, str | Path) else None
-        if existing is not None:
-            device = existing
-        else:
-            from shoe_lora_pipeline.core.device import choose_device
-
-            device = choose_device("auto").torch_device
-    dev = torch.device(device)
-    gen_kwargs = {
-        "prompts": list(config.prompts),
-        "images_per_prompt": config.images_per_prompt,
-        "seed": config.seed,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "height": side,
-        "width": side,
-        "out_dir": out_dir / "images",
-    }
-    n = len(config.prompts) * config.images_per_prompt
-
-    # ---- generate: base first, then the LoRA (as an adapter on the base when given as weights)
-    t = time.perf_counter()
-    base_pipe = load_pipeline(Path(base), dev, dtype) if isinstance(base, str | Path) else base
-    say(f"evaluation: generating {n} base images at {side}px, {config.num_inference_steps} steps")
-    generated_base = generate_images(base_pipe, tag="base", **gen_kwargs)
-    timings["generate_base_s"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
-    say(f"evaluation: generating {n} LoRA images")
-    if isinstance(lora, str | Path) and is_lora_dir(Path(lora)):
-        base_pipe.load_lora_weights(str(lora), adapter_name=EVAL_ADAPTER)
-        try:
-            generated_lora = generate_images(base_pipe, tag="lora", **gen_kwargs)
-        finally:
-            base_pipe.delete_adapters(EVAL_ADAPTER)  # leave a caller's pipeline as it was given
-        if isinstance(base, str | Path):
-            del base_pipe
-    else:
-        if isinstance(base, str | Path):
-            del base_pipe  # free the base UNet before loading the LoRA pipeline
-            _release(dev)
-        lora_pipe = load_pipeline(Path(lora), dev, dtype) if isinstance(lora, str | Path) else lora
-        generated_lora = generate_images(lora_pipe, tag="lora", **gen_kwargs)
-        if isinstance(lora, str | Path):
-            del lora_pipe
-    _release(dev)
-    timings["generate_lora_s"] = round(time.perf_counter() - t, 2)
+    dev = _resolve_device(base, device)
+    gen_kwargs = _generation_kwargs(config, side, out_dir / "images")
+    generated_base, generated_lora = _generate_both(lora, base, dev, dtype, gen_kwargs, timings, say)
 
     # ---- QA (weight-free)
     t = time.perf_counter()
     train_hashes = hash_folder(_images_dir(train_dir)) if _images_dir(train_dir).is_dir() else {}
-    qa_base = run_qa(generated_base, config.prompts, config.thresholds.diversity_min_hamming, train_hashes)
-    qa_lora = run_qa(generated_lora, config.prompts, config.thresholds.diversity_min_hamming, train_hashes)
+    min_hamming = config.thresholds.diversity_min_hamming
+    qa_base = run_qa(generated_base, config.prompts, min_hamming, train_hashes)
+    qa_lora = run_qa(generated_lora, config.prompts, min_hamming, train_hashes)
     timings["qa_s"] = round(time.perf_counter() - t, 2)
 
     # ---- metrics (Inception / CLIP weights when present; unavailable otherwise)
     t = time.perf_counter()
     reference = list_images(_images_dir(test_dir))
-    suite = MetricSuite(
-        reference,
-        inception_weights=config.inception_weights,
-        clip_model_dir=config.clip_model_dir,
-        feature_extractor=feature_extractor,
-        clip_loader=clip_loader,
-        reference_label=f"test split ({len(reference)} images)",
-        device=dev,
+    metrics_base, metrics_lora = _metrics_both(
+        config, reference, (generated_base, generated_lora), dev, feature_extractor, clip_loader, say
     )
-    metrics_base = suite.compute(
-        [g.path for g in generated_base],
-        [g.prompt for g in generated_base],
-        "base",
-        group_ids=[g.prompt_index for g in generated_base],
-    )
-    metrics_lora = suite.compute(
-        [g.path for g in generated_lora],
-        [g.prompt for g in generated_lora],
-        "LoRA",
-        group_ids=[g.prompt_index for g in generated_lora],
-    )
-    del suite
-    _release(dev)
     timings["metrics_s"] = round(time.perf_counter() - t, 2)
-    for name, m in metrics_lora.items():
-        say(
-            f"evaluation: {name} LoRA = {m.value if m.ok else m.status}"
-            + (f" ({m.reason})" if m.reason else "")
-        )
 
     # ---- checklist + report
     summary = _read_json(training_output_dir / "training_summary.json")
     checks = checklist(metrics_lora, qa_lora, summary, config.thresholds)
     losses = training_output_dir / "losses.csv"
-    grids = sorted((training_output_dir / "validation").glob("grid_step*.png"))
-    base_by_cell = {(g.prompt_index, g.image_index): g for g in generated_base}
-    pairs = [
-        (base_by_cell[(g.prompt_index, g.image_index)], g)
-        for g in generated_lora
-        if (g.prompt_index, g.image_index) in base_by_cell
-    ]
     settings = {
         "prompts": list(config.prompts),
         "images_per_prompt": config.images_per_prompt,
@@ -285,8 +329,8 @@ def evaluate(
         "resolution": side,
         "device": str(dev),
         "dtype": str(dtype).replace("torch.", ""),
-        "lora": str(lora) if isinstance(lora, str | Path) else type(lora).__name__,
-        "base": str(base) if isinstance(base, str | Path) else type(base).__name__,
+        "lora": _describe(lora),
+        "base": _describe(base),
         "test_dir": str(test_dir),
         "train_dir": str(train_dir),
         "n_reference": len(reference),
@@ -301,17 +345,14 @@ def evaluate(
         qa_base=qa_base,
         thresholds=config.thresholds,
         losses_csv=losses if losses.is_file() else None,
-        validation_grids=grids,
-        base_vs_lora_pairs=pairs,
+        validation_grids=validation_grids(training_output_dir),
+        base_vs_lora_pairs=_pairs(generated_base, generated_lora),
         provenance=provenance,
         training_summary=summary,
         checks=checks,
         settings=settings,
     )
     verdict = overall(checks)
-    table = metric_table_markdown(
-        metrics_lora, metrics_base, qa_lora, qa_base, checks, config.thresholds, summary
-    )
     seconds = time.perf_counter() - started
     say(
         f"evaluation: {'passed' if verdict['passed'] else 'FAILED'} ({verdict['errors']} errors, "
@@ -320,7 +361,9 @@ def evaluate(
     return EvaluationResult(
         out_dir=out_dir,
         paths=paths,
-        metric_table_markdown=table,
+        metric_table_markdown=metric_table_markdown(
+            metrics_lora, metrics_base, qa_lora, qa_base, checks, config.thresholds, summary
+        ),
         checks=checks,
         passed=verdict["passed"],
         n_errors=verdict["errors"],
