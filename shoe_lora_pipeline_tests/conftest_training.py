@@ -149,14 +149,37 @@ def dataset(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict
     root = tmp_path_factory.mktemp("dataset")
     train = make_train_set(root)
     latents = root / "latents"
+    # A held-out val split of two other images, for the validation loss (passed only when a test asks).
+    val = _keep_last(make_train_set(root / "held_out", n=NUM_IMAGES + 2), 2)
     with one_torch_thread():
-        cache_latents(load_base_model("tiny-sd", cache_dir=model_cache), train, latents, RESOLUTION, 4, "cpu")
-    return {"root": root, "train": train, "latents": latents, "fingerprint": dataset_fingerprint(train)}
+        components = load_base_model("tiny-sd", cache_dir=model_cache)
+        cache_latents(components, train, latents, RESOLUTION, 4, "cpu")
+        cache_latents(components, val, root / "val_latents", RESOLUTION, 4, "cpu")
+    return {
+        "root": root,
+        "train": train,
+        "latents": latents,
+        "fingerprint": dataset_fingerprint(train),
+        "val": val,
+        "val_latents": root / "val_latents",
+    }
+
+
+def _keep_last(split: Path, n: int) -> Path:
+    """Drop all but the last ``n`` images of a split folder made by make_train_set."""
+    entries = json.loads((split / "captions.json").read_text())
+    for e in entries[:-n]:
+        (split / "images" / e["image_file"]).unlink()
+    (split / "captions.json").write_text(json.dumps(entries[-n:], indent=2))
+    return split
 
 
 def run_training(
     cfg: PipelineConfig, components: SDComponents, data: dict[str, Any], **kwargs: Any
 ) -> TrainingResult:
+    """train_lora on the shared data set; ``with_val=True`` also measures the validation loss."""
+    if kwargs.pop("with_val", False):
+        kwargs |= {"val_dir": data["val"], "val_latents_dir": data["val_latents"]}
     return train_lora(
         cfg,
         components,

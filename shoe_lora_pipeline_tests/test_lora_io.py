@@ -82,9 +82,14 @@ def make_training_checkpoint(
             "resolution": 512,
             "lora_rank": rank,
             "lora_alpha": alpha,
+            "snr_gamma": 5.0,
+            "noise_offset": 0.05,
+            "input_perturbation": 0.0,
+            "caption_dropout": 0.1,
         },
     }
     (ckpt / "training_state.json").write_text(json.dumps(state))
+    (ckpt / "validation_loss.csv").write_text(f"step,val_loss\n{step // 2},0.25\n{step},0.125\n")
     (root / "validation").mkdir(parents=True, exist_ok=True)
     for s, colour in ((step // 2, "red"), (step, "green"), (step * 2, "blue")):  # step*2: after the ckpt
         Image.new("RGB", (32, 32), colour).save(root / "validation" / f"grid_step{s:05d}.png")
@@ -244,12 +249,19 @@ def test_kohya_metadata(export: lora_io.ExportResult) -> None:
         "ss_lr_scheduler": "cosine",
         "ss_num_train_images": "3",
         "ss_output_name": f"{DATASET}_lora",
+        # the objective's options under kohya's names (the checkpoint's recorded settings)
+        "ss_min_snr_gamma": "5.0",
+        "ss_noise_offset": "0.05",
+        "ss_ip_noise_gamma": "None",
+        "ss_caption_dropout_rate": "0.1",
         "shoe_lora_checkpoint_step": "20",
         "shoe_lora_training_hash": "train-hash-123",
         "shoe_lora_config_hash": "cfg-hash",
         "shoe_lora_dataset_manifest_hash": "mh",
         "shoe_lora_base_model": "tiny-sd",
         "shoe_lora_dagster_run_id": "run-abc",
+        "shoe_lora_snr_gamma": "5.0",  # the provenance records the objective too
+        "shoe_lora_caption_dropout": "0.1",
     }
     assert {k: header.get(k) for k in expected} == expected
     freq = json.loads(header["ss_tag_frequency"])
@@ -298,6 +310,8 @@ def test_model_card(export: lora_io.ExportResult) -> None:
         "| LoRA rank / alpha (scale) | 8 / 16 (2) |",
         "2 × 8 accumulation = 16",
         "| Final training loss | 0.05 |",  # losses.csv at step 20, not the later rows
+        "| Validation loss (held-out split) | 0.125 |",  # the checkpoint's validation_loss.csv at step 20
+        "| Min-SNR-γ / noise offset / input perturbation / caption dropout | 5 / 0.05 / off / 0.1 |",
         "| dagster_run_id | run-abc |",
     ):
         assert needle in text, needle

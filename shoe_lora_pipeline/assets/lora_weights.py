@@ -6,29 +6,10 @@ import dagster as dg
 from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, dataset_manifest_hash, md_table
 from shoe_lora_pipeline.core.captions import read_captions_json
-from shoe_lora_pipeline.core.checkpoints import CheckpointInfo, list_checkpoints, newest_checkpoint
-from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.lora_io import LoraExportError, TrainingFacts, export_lora
+from shoe_lora_pipeline.core.lora_io import TrainingFacts, export_lora, select_checkpoint
 from shoe_lora_pipeline.core.provenance import collect_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
-
-
-def selected_checkpoint(cfg: PipelineConfig, layout: Layout) -> CheckpointInfo:
-    """The final checkpoint, or export.checkpoint_step when set (manual early stopping)."""
-    wanted = cfg.export.checkpoint_step
-    if wanted is None:
-        ckpt = newest_checkpoint(layout.checkpoints_dir)
-        if ckpt is None:
-            raise LoraExportError(
-                f"no complete checkpoint in {layout.checkpoints_dir}: materialize lora_training"
-            )
-        return ckpt
-    for ckpt in list_checkpoints(layout.checkpoints_dir):
-        if ckpt.step == wanted:
-            return ckpt
-    have = ", ".join(str(c.step) for c in list_checkpoints(layout.checkpoints_dir)) or "none"
-    raise LoraExportError(f"export.checkpoint_step = {wanted}: no such checkpoint (kept steps: {have})")
 
 
 @dg.asset(
@@ -46,7 +27,7 @@ def lora_weights(
 ) -> dg.MaterializeResult:
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
-    ckpt = selected_checkpoint(cfg, layout)
+    ckpt = select_checkpoint(layout.checkpoints_dir, cfg.export.checkpoint_step, layout.training_dir)
     context.log.info(f"exporting {ckpt.path.name}")
 
     train_captions = [e["caption"] for e in read_captions_json(layout.split_dir("train") / "captions.json")]

@@ -196,9 +196,19 @@ class TrainingConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    checkpoint_step: int | None = Field(
-        None, ge=1, description="Export checkpoint-N instead of the final one (manual early stopping)."
+    checkpoint_step: int | Literal["best"] | None = Field(
+        None,
+        description="Export checkpoint-N instead of the final one (manual early stopping); 'best' = the "
+        "checkpoint with the lowest validation loss.",
     )
+
+    @field_validator("checkpoint_step")
+    @classmethod
+    def _positive_step(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"checkpoint_step must be a step ≥ 1 or 'best', got {v}")
+        return v
+
     fuse_lora_scale: float = Field(1.0, gt=0.0, description="LoRA scale fused into final_pipeline.")
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoe_lora_pipeline.core.checkpoints import CheckpointInfo, list_checkpoints
 from shoe_lora_pipeline.core.fsutil import atomic_directory
 from shoe_lora_pipeline.core.model_card import (
     FRONT_MATTER_KEY,
@@ -38,8 +39,20 @@ from shoe_lora_pipeline.core.model_card import (
     read_front_matter,
     write_model_card,
 )
-from shoe_lora_pipeline.core.provenance import PROVENANCE_SCHEMA, collect_provenance, file_sha256, utc_now_iso
-from shoe_lora_pipeline.core.run_artifacts import latest_grid, loss_at_step
+from shoe_lora_pipeline.core.provenance import (
+    OBJECTIVE_KEYS,
+    PROVENANCE_SCHEMA,
+    collect_provenance,
+    file_sha256,
+    utc_now_iso,
+)
+from shoe_lora_pipeline.core.run_artifacts import (
+    VALIDATION_LOSS_NAME,
+    best_validation_step,
+    latest_grid,
+    loss_at_step,
+    read_validation_losses,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +106,11 @@ class TrainingFacts:
     caption_template: str | None = None
     validation_prompts: list[str] = field(default_factory=list)
     final_loss: float | None = None  # None: the checkpoint's recorded loss, else losses.csv at its step
+    snr_gamma: float | None = None
+    noise_offset: float | None = None
+    input_perturbation: float | None = None
+    caption_dropout: float | None = None
+    val_loss: float | None = None  # the held-out validation loss at the exported step, when measured
 
     def __post_init__(self) -> None:
         if self.num_train_images is None and self.captions:
@@ -118,6 +136,10 @@ class TrainingFacts:
             captions=captions,
             caption_template=cfg.dataset.caption_template,
             validation_prompts=list(t.validation_prompts),
+            snr_gamma=t.snr_gamma,
+            noise_offset=t.noise_offset,
+            input_perturbation=t.input_perturbation,
+            caption_dropout=t.caption_dropout,
         )
 
 
@@ -344,6 +366,11 @@ def build_kohya_metadata(
         "ss_num_train_images": facts.num_train_images,
         "ss_seed": facts.seed,
         "ss_mixed_precision": facts.mixed_precision,
+        # kohya's names for the objective's options (None = off, as kohya writes an unset option)
+        "ss_min_snr_gamma": facts.snr_gamma,
+        "ss_noise_offset": facts.noise_offset or None,
+        "ss_ip_noise_gamma": facts.input_perturbation or None,
+        "ss_caption_dropout_rate": facts.caption_dropout or 0.0,
         "ss_tag_frequency": json.dumps({dataset_name: tag_frequency(facts.captions)}),
         "ss_training_comment": training_comment
         or f"shoe_lora_pipeline export of step {step}; provenance in the shoe_lora_* keys",
@@ -415,6 +442,34 @@ def _save_peft_adapter(
 # --------------------------------------------------------------------------------------------------
 
 
+def select_checkpoint(checkpoints_dir: Path, wanted: int | str | None, training_dir: Path) -> CheckpointInfo:
+    """The checkpoint to export: the newest, ``checkpoint-<wanted>`` (manual early stopping), or with
+    ``"best"`` the kept checkpoint whose step has the lowest validation loss in validation_loss.csv."""
+    kept = list_checkpoints(checkpoints_dir)
+    have = ", ".join(str(c.step) for c in kept) or "none"
+    if not kept:
+        raise LoraExportError(f"no complete checkpoint in {checkpoints_dir}: materialize lora_training")
+    if wanted is None:
+        return kept[-1]
+    if wanted == "best":
+        by_step = {c.step: c for c in kept}
+        rows = [
+            r
+            for r in read_validation_losses(Path(training_dir) / VALIDATION_LOSS_NAME)
+            if r["step"] in by_step
+        ]
+        if not rows:
+            raise LoraExportError(
+                f"export.checkpoint_step = best: no validation loss was measured at a kept checkpoint "
+                f"(kept steps: {have}; {Path(training_dir) / VALIDATION_LOSS_NAME}); the val split may be empty"
+            )
+        return by_step[best_validation_step(rows)]
+    for ckpt in kept:
+        if ckpt.step == wanted:
+            return ckpt
+    raise LoraExportError(f"export.checkpoint_step = {wanted}: no such checkpoint (kept steps: {have})")
+
+
 # TrainingFacts fields that the trainer records in training_state.json's "training_config".
 _RECORDED_FACTS = (
     "learning_rate",
@@ -427,6 +482,10 @@ _RECORDED_FACTS = (
     "seed",
     "mixed_precision",
     "validation_prompts",
+    "snr_gamma",
+    "noise_offset",
+    "input_perturbation",
+    "caption_dropout",
 )
 
 
@@ -435,7 +494,8 @@ def _merge_facts(facts: TrainingFacts, recorded: Mapping[str, Any], warnings: li
     merged = TrainingFacts(**{f: getattr(facts, f) for f in facts.__dataclass_fields__})
     for name in _RECORDED_FACTS:
         value = recorded.get(name)
-        if value is None or value == []:
+        # An objective option recorded as None was off for these weights; other None/[] mean "not recorded".
+        if name not in recorded or value == [] or (value is None and name not in OBJECTIVE_KEYS):
             continue
         given = getattr(merged, name)
         if given not in (None, []) and given != value:
@@ -458,6 +518,10 @@ def _merge_provenance(provenance: Mapping[str, Any], meta: Mapping[str, Any]) ->
         "training_hash": meta.get("training_hash"),
         "dataset_fingerprint": meta.get("dataset_fingerprint"),
     }
+    recorded = meta.get("training_config")
+    if isinstance(recorded, Mapping):
+        # the objective the weights were trained with (an option recorded as None was off)
+        prov.update({k: recorded[k] for k in OBJECTIVE_KEYS if k in recorded})
     warnings = []
     for key, value in facts.items():
         if value is None:
@@ -518,6 +582,8 @@ def export_lora(
     for losses_csv in (checkpoint_dir / "losses.csv", training_output_dir / "losses.csv"):
         if facts.final_loss is None:
             facts.final_loss = loss_at_step(losses_csv, step)
+    measured = [r for r in read_validation_losses(checkpoint_dir / VALIDATION_LOSS_NAME) if r["step"] == step]
+    facts.val_loss = measured[-1]["val_loss"] if measured else facts.val_loss
     lora = {k: meta[k] for k in ("rank", "alpha", "dropout", "target_modules")}
     lora["scale"] = meta["alpha"] / meta["rank"]
     ours = provenance_metadata(prov, lora)
@@ -593,6 +659,8 @@ def export_lora(
                 gradient_accumulation_steps=facts.gradient_accumulation_steps,
                 resolution=facts.resolution,
                 final_loss=facts.final_loss,
+                val_loss=facts.val_loss,
+                objective={k: getattr(facts, k) for k in OBJECTIVE_KEYS},
                 num_train_images=facts.num_train_images,
                 instance_prompt=facts.caption_template,
                 widget_prompts=list(facts.validation_prompts),

@@ -44,6 +44,9 @@ class ModelCardInfo:
     gradient_accumulation_steps: int | None = None
     resolution: int | None = None
     final_loss: float | None = None
+    val_loss: float | None = None  # held-out validation loss at this step, when measured
+    # min-SNR-γ, noise offset, input perturbation, caption dropout (None / 0 = off, as in the recipe)
+    objective: dict[str, float | None] = field(default_factory=dict)
     num_train_images: int | None = None
     instance_prompt: str | None = None
     widget_prompts: list[str] = field(default_factory=list)
@@ -115,6 +118,10 @@ def render_model_card(info: ModelCardInfo) -> str:
         else "n/a"
     )
     kohya = info.kohya_weights_file or f"{info.dataset_name}_lora.safetensors"
+    objective = " / ".join(
+        _fmt(info.objective.get(k)) if info.objective.get(k) else "off"
+        for k in ("snr_gamma", "noise_offset", "input_perturbation", "caption_dropout")
+    )
     example_prompt = (
         info.widget_prompts[0]
         if info.widget_prompts
@@ -190,6 +197,8 @@ def render_model_card(info: ModelCardInfo) -> str:
         f"| Resolution | {_fmt(info.resolution)} |",
         f"| Training images | {_fmt(info.num_train_images)} |",
         f"| Final training loss | {_fmt(info.final_loss)} |",
+        f"| Validation loss (held-out split) | {_fmt(info.val_loss)} |",
+        f"| Min-SNR-γ / noise offset / input perturbation / caption dropout | {objective} |",
         "",
     ]
     if info.validation_grid_file:

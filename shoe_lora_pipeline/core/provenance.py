@@ -81,6 +81,20 @@ def git_info(repo_dir: Path | None = None) -> dict[str, Any]:
     return info
 
 
+# The training objective's options (off in the recipe), recorded wherever a LoRA's settings are.
+OBJECTIVE_KEYS = ("snr_gamma", "noise_offset", "input_perturbation", "caption_dropout")
+
+
+def objective_settings(
+    recorded: Mapping[str, Any] | None, config: PipelineConfig | None = None
+) -> dict[str, Any]:
+    """min-SNR-γ, noise offset, input perturbation and caption dropout as the checkpoint recorded them
+    (else as configured)."""
+    fallback = config.training.model_dump() if config is not None else {}
+    recorded = recorded if isinstance(recorded, Mapping) else {}
+    return {key: recorded.get(key, fallback.get(key)) for key in OBJECTIVE_KEYS}
+
+
 def collect_provenance(
     *,
     dagster_run_id: str | None = None,
@@ -113,6 +127,7 @@ def collect_provenance(
         or (config.training.revision if config is not None else None),
         "base_model_fingerprint": base.get("fingerprint"),
         "checkpoint_step": state.get("global_step"),
+        **objective_settings(state.get("training_config"), config),
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
         "python_version": platform.python_version(),
