@@ -15,11 +15,14 @@ from shoe_lora_pipeline.assets import (
     final_pipeline,
     lora_training,
     lora_weights,
+    product_renders,
+    published_renders,
     raw_images,
+    render_review,
     training_latents,
 )
 from shoe_lora_pipeline.assets._stage import build_stage
-from shoe_lora_pipeline.automation import build_automation
+from shoe_lora_pipeline.automation import build_automation, build_specs_sensor
 from shoe_lora_pipeline.core.config import PipelineConfig, load_config
 from shoe_lora_pipeline.resources import PipelineConfigResource, default_resources
 
@@ -36,6 +39,13 @@ STAGES = [
     evaluation_report.evaluation_report,
 ]
 STAGE_NAMES = [fn.__name__ for fn in STAGES]
+# Product renders, downstream of a category's LoRA; built for the categories that have renders.specs_csv.
+RENDER_STAGES = [
+    product_renders.product_renders,
+    render_review.render_review,
+    published_renders.published_renders,
+]
+RENDER_STAGE_NAMES = [fn.__name__ for fn in RENDER_STAGES]
 
 
 def category_assets(
@@ -43,6 +53,11 @@ def category_assets(
 ) -> list[dg.AssetsDefinition]:
     """One category's chain of assets (all stages unless named); keys as in :mod:`assets._stage`."""
     return [build_stage(fn, category, primary) for fn in STAGES if stages is None or fn.__name__ in stages]
+
+
+def render_assets(category: str, primary: bool = True) -> list[dg.AssetsDefinition]:
+    """One category's renders group (product_renders → render_review → published_renders)."""
+    return [build_stage(fn, category, primary) for fn in RENDER_STAGES]
 
 
 def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
@@ -53,10 +68,19 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     cfg: PipelineConfig = load_config(config_path, check_paths=False)
     first, *others = cfg.category_names()
     assets = category_assets(first) + [a for name in others for a in category_assets(name, primary=False)]
+    assets += [
+        a
+        for name in cfg.category_names()
+        if cfg.for_category(name).renders.specs_csv is not None
+        for a in render_assets(name, primary=name == first)
+    ]
     resources = default_resources()
     if config_path is not None:
         resources["pipeline_config"] = PipelineConfigResource(config_path=str(config_path))
     jobs, schedules, sensors = build_automation(cfg)
+    specs_sensor = build_specs_sensor(cfg)
+    if specs_sensor is not None:
+        sensors.append(specs_sensor)
     return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=sensors, resources=resources)
 
 

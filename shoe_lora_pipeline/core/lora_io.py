@@ -27,12 +27,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoe_lora_pipeline.core.fsutil import atomic_dir as _atomic_dir
 from shoe_lora_pipeline.core.model_card import (
     FRONT_MATTER_KEY,
     ModelCardError,
@@ -410,32 +410,6 @@ def _save_peft_adapter(
         # save_pretrained also writes peft's generic README.md; we write our own model card instead.
         for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
             os.replace(Path(tmp) / name, out_dir / name)
-
-
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old is not None:
-                os.replace(old / out_dir.name, out_dir)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -828,11 +802,28 @@ def _from_model_card(path: Path) -> dict[str, Any]:
     }
 
 
+def _from_render_png(path: Path) -> dict[str, Any]:
+    """A published product render: the LoRA's provenance travels inside the PNG (core.renders.pnginfo)."""
+    from shoe_lora_pipeline.core.renders.pnginfo import PngProvenanceError, read_png_provenance
+
+    try:
+        found = read_png_provenance(path)
+    except PngProvenanceError as exc:
+        raise ProvenanceError(str(exc)) from None
+    render = found["render"]
+    if not isinstance(render, dict) or not isinstance(render.get("lora_provenance"), dict):
+        raise ProvenanceError(f"{path}: no shoe_lora_render provenance chunk in this PNG")
+    extra = {k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema"}}
+    extra["parameters"] = found["parameters"]
+    return {"format": "render_png", "lora": {}, "provenance": render["lora_provenance"], "extra": extra}
+
+
 def read_provenance(path: Path) -> dict[str, Any]:
     """Provenance and LoRA hyper-parameters stored in an exported file or folder.
 
     Accepts a ``.safetensors`` file (kohya, diffusers or PEFT export), ``adapter_config.json``,
-    ``provenance.json``, ``README.md``, the ``lora_weights`` folder or a fused pipeline folder.
+    ``provenance.json``, ``README.md``, the ``lora_weights`` folder, a fused pipeline folder or a published
+    product render (``.png``).
     Returns ``{"path", "format", "lora", "provenance", "extra"}``. Raises :class:`ProvenanceError` naming the path when there is none.
     """
     path = Path(path)
@@ -856,8 +847,12 @@ def read_provenance(path: Path) -> dict[str, Any]:
         result = _from_json_record(path)
     elif suffix == ".md":
         result = _from_model_card(path)
+    elif suffix == ".png":
+        result = _from_render_png(path)
     else:
-        raise ProvenanceError(f"{path}: not an exported file (.safetensors, provenance.json or README.md)")
+        raise ProvenanceError(
+            f"{path}: not an exported file (.safetensors, provenance.json, README.md or a render .png)"
+        )
     lora = result["lora"]
     if lora.get("rank") and lora.get("alpha") is not None and "scale" not in lora:
         lora["scale"] = float(lora["alpha"]) / float(lora["rank"])
