@@ -198,9 +198,16 @@ def optimise_pipeline(pipe: Any, device: torch.device, *, compile_unet: bool = F
     pipe.fuse_qkv_projections()
     levers.append("fused_qkv")
     if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
-        levers.append("torch.compile(unet)")
+        levers.append(compile_pipeline_unet(pipe))
     return levers
+
+
+def compile_pipeline_unet(pipe: Any) -> str:
+    """``torch.compile`` the UNet (default inductor mode; the first call at each batch size compiles)."""
+    import torch
+
+    pipe.unet = torch.compile(pipe.unet)
+    return "torch.compile(unet)"
 
 
 @dataclass
