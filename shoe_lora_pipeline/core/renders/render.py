@@ -109,9 +109,11 @@ def _reusable(paths: RenderPaths, sku: str, key: str) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or record.get("key") != key:
         return None
-    if not all((paths.sku_dir(sku) / c["file"]).is_file() for c in record.get("candidates", [])):
+    try:
+        complete = all((paths.sku_dir(sku) / c["file"]).is_file() for c in record["candidates"])
+    except (KeyError, TypeError):  # a hand-edited or truncated record: render again
         return None
-    return record
+    return record if complete else None
 
 
 def _jobs(row: SpecRow, settings: RenderSettings) -> list[RenderJob]:
