@@ -228,6 +228,20 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def run_child(variant: str, args: argparse.Namespace, work: Path) -> dict:
+    """One variant in a fresh process (its own peak memory); returns its RESULT line."""
+    cmd = [sys.executable, __file__, "--child", variant, "--work", str(work)]
+    for flag in ("device", "mixed_precision", "resolution", "batch", "accum", "warmup", "steps", "threads"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 def machine_description(device: str) -> str:
     import torch
 
@@ -258,6 +272,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from the timing")
     p.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
     p.add_argument("--images", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of all variants; ratios are per round")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model-cache", type=Path, default=None, help="folder holding (or to build) tiny-sd")
@@ -296,48 +311,36 @@ def main() -> None:
         cache_seconds = time.perf_counter() - start
         del components
 
-        rows = {}
-        for variant in ("reference", "cached", "uncached"):
-            cmd = [sys.executable, __file__, "--child", variant, "--work", str(work)]
-            for flag in (
-                "device",
-                "mixed_precision",
-                "resolution",
-                "batch",
-                "accum",
-                "warmup",
-                "steps",
-                "threads",
-            ):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            if args.gradient_checkpointing:
-                cmd.append("--gradient-checkpointing")
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
-            rows[variant] = json.loads(lines[-1][len("RESULT ") :])
+        # Rounds of reference → cached → uncached: on a shared machine the load drifts, so each round's
+        # ratio compares runs minutes apart, and the median over rounds is the number reported.
+        runs: dict[str, list[dict]] = {"reference": [], "cached": [], "uncached": []}
+        for _ in range(args.rounds):
+            for variant in runs:
+                runs[variant].append(run_child(variant, args, work))
+        rows = {v: {**r[0], "seconds": [statistics.mean(x["seconds"]) for x in r]} for v, r in runs.items()}
 
     images_per_step = args.batch * args.accum
     mem_label = "peak GPU memory allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
-    base = statistics.mean(rows["reference"]["seconds"])
+    ratios = {
+        v: [o / ref for o, ref in zip(r["seconds"], rows["reference"]["seconds"], strict=True)]
+        for v, r in rows.items()
+    }
     out = [
         f"Tiny SD-shaped model, {args.resolution} px, batch {args.batch} × accumulation {args.accum}, "
         f"LoRA r=8 ({rows['cached']['trainable_params']:,} trainable params), device {args.device}, "
         f"mixed precision {args.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}; "
-        f"{args.steps} measured optimizer steps after {args.warmup} warm-up steps, each variant in a fresh process.",
+        f"{args.steps} measured optimizer steps after {args.warmup} warm-up steps, each variant in a fresh process, {args.rounds} rounds of all variants.",
         "",
-        f"| variant | s / optimizer step | images / s | {mem_label} | step time vs reference |",
+        f"| variant | s / optimizer step: median (per round) | images / s | {mem_label} | step time vs reference: median (per round) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for variant, row in rows.items():
-        mean = statistics.mean(row["seconds"])
-        sd = statistics.stdev(row["seconds"]) if len(row["seconds"]) > 1 else 0.0
+        median = statistics.median(row["seconds"])
+        per_round = ", ".join(f"{x:.3f}" for x in row["seconds"])
+        ratio = statistics.median(ratios[variant])
         out.append(
-            f"| {variant} | {mean:.3f} ± {sd:.3f} | {images_per_step / mean:.2f} | "
-            f"{row['peak_memory_mb']:.0f} | {mean / base:.2f}× |"
+            f"| {variant} | {median:.3f} ({per_round}) | {images_per_step / median:.2f} | "
+            f"{row['peak_memory_mb']:.0f} | {ratio:.2f}× ({', '.join(f'{x:.2f}' for x in ratios[variant])}) |"
         )
     out += [
         "",

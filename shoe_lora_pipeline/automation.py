@@ -16,8 +16,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets import category_keys
+from shoe_lora_pipeline.assets import category_keys, render_keys
 from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.fsutil import file_sha256
 from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
 from shoe_lora_pipeline.lineage import DATA_VERSION_TAG
 
@@ -102,3 +103,56 @@ def build_automation(
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
 
     return [retrain_job, dataset_job], [retrain_schedule], [new_photos_sensor]
+
+
+def last_rendered_sheet(instance: dg.DagsterInstance, product_renders_key: dg.AssetKey) -> str | None:
+    """The specs sheet sha256 of the category's last product_renders materialisation."""
+    event = instance.get_latest_materialization_event(product_renders_key)
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get("specs_sha256")
+    return None if value is None else str(getattr(value, "value", value))
+
+
+def build_specs_sensor(cfg: PipelineConfig) -> dg.SensorDefinition | None:
+    """One run of a category's renders group per change of its specs sheet (run key = category + the
+    sheet's sha256), like new_photos_sensor; None when no category has a specs sheet."""
+    sheets = {
+        name: sheet for name in cfg.category_names() if (sheet := cfg.for_category(name).renders.specs_csv)
+    }
+    if not sheets:
+        return None
+    primary = cfg.dataset.name
+
+    @dg.sensor(
+        name="specs_sheet_sensor",
+        minimum_interval_seconds=cfg.automation.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        asset_selection=dg.AssetSelection.groups("renders"),
+        description="Renders, reviews and publishes a category's product photos when its specs sheet changes.",
+    )
+    def specs_sheet_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        cursor: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+        requests = []
+        for category, sheet in sheets.items():
+            try:
+                digest = file_sha256(sheet)  # a specs sheet is small: hashing it is the cheap check
+            except OSError:
+                continue  # no sheet (yet): nothing to render
+            if digest == cursor.get(category):
+                continue
+            cursor[category] = digest
+            keys = render_keys(category, category == primary)
+            if digest == last_rendered_sheet(context.instance, keys[0]):
+                continue  # already rendered, e.g. materialised by hand
+            context.log.info(f"{category}: specs sheet changed (sha256 {digest[:12]}), requesting a run")
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{category}:{digest}",
+                    asset_selection=keys,
+                    tags={"category": category, "trigger": "specs_sheet", "specs_sha256": digest},
+                )
+            )
+        return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+
+    return specs_sheet_sensor

@@ -23,6 +23,7 @@ from shoe_lora_pipeline.core.markdown import one_line
 PROG = "shoe-lora"
 EXIT_OK = 0
 EXIT_ERROR = 2  # also what argparse uses for usage errors
+EXIT_NOTHING_PUBLISHED = 1  # render: it ran, but no candidate was approved
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path",
         type=Path,
-        help="an exported file (*.safetensors, README.md, provenance.json), the lora_weights folder "
-        "or the final_pipeline folder",
+        help="an exported file (*.safetensors, README.md, provenance.json), the lora_weights folder, "
+        "the final_pipeline folder or a published product render (.png)",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.epilog = "For the Dagster materialisations that fed the LoRA, see `shoe-lora lineage`."
@@ -248,6 +249,109 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- render --------------------------------------------------------------------------------------------
+
+_RENDER_EPILOG = """\
+The same code as the `renders` assets (a one-row specs sheet: same validation, prompt template, seeds,
+QA ranking, approval rule and PNG provenance), without Dagster. Needs the category's exported LoRA
+(lora_weights; final_pipeline is used when it was fused from it). Writes only under --out, by default
+<training.output_dir>/renders/oneoff/<sku>/; published images are in its published/ folder.
+
+example:
+  shoe-lora render --sku CS-2001 --colour navy --type casual --characteristics lace-up --count 2
+"""
+
+
+def _render_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _RENDER_EPILOG
+    parser.add_argument("--sku", required=True)
+    parser.add_argument("--colour", required=True)
+    parser.add_argument("--type", required=True, help='e.g. casual, "casual sneakers", loafers')
+    parser.add_argument("--characteristics", default="", help='e.g. "lace-up"')
+    parser.add_argument("--view", default="", help='e.g. side, "three-quarter"')
+    parser.add_argument("--count", type=int, default=1, help="images wanted (default 1)")
+    parser.add_argument("--prompt", default="", help="use this prompt instead of the caption template")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--config", help="pipeline config (default: $SHOE_LORA_CONFIG or configs/demo.yaml)")
+    parser.add_argument("--category", help="product category (default: the config's first)")
+    parser.add_argument("--device", choices=["auto", "mps", "cuda", "cpu"], help="default: the config's")
+    parser.add_argument("--out", type=Path, help="output folder (default: under the category's renders/)")
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Render, QA-rank, auto-review and publish one SKU; prints the published files."""
+    import csv
+    import hashlib
+    import io
+
+    from shoe_lora_pipeline.core.config import ConfigError, load_config
+    from shoe_lora_pipeline.core.device import DeviceError, choose_device
+    from shoe_lora_pipeline.core.layout import Layout
+    from shoe_lora_pipeline.core.models import BaseModelError, resolve_base_model
+    from shoe_lora_pipeline.core.renders import (
+        RenderPaths,
+        RenderSettings,
+        RenderSourceError,
+        SpecsSheet,
+        lora_source,
+        parse_specs_text,
+        pipeline_loader,
+        publish_renders,
+        render_dtype,
+        render_sheet,
+        review_renders,
+        spec_rules,
+    )
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        cfg = load_config(args.config, check_paths=False)
+        cfg = cfg.for_category(args.category or cfg.dataset.name)
+        buf = io.StringIO()
+        row = [args.sku, args.colour, args.type, args.characteristics, args.count, args.view, args.prompt]
+        csv.writer(buf).writerows(
+            [
+                ["sku", "colour", "type", "characteristics", "count", "view", "prompt", "negative_prompt"],
+                [*row, args.negative_prompt],
+            ]
+        )
+        rows, rejected, _ = parse_specs_text(buf.getvalue(), **spec_rules(cfg), source="command line")
+        if rejected:
+            return _error("render", f"refused: {rejected[0].problem}")
+        sheet = SpecsSheet(None, hashlib.sha256(buf.getvalue().encode()).hexdigest(), rows, [])
+        layout = Layout.of(cfg)
+        out = args.out or layout.renders_dir / "oneoff" / rows[0].sku
+        device = choose_device(args.device or cfg.device, cfg.training.mixed_precision)
+        lora = lora_source(layout.lora_weights_dir, layout.final_pipeline_dir)
+        load = pipeline_loader(
+            lora,
+            lambda: resolve_base_model(cfg.training.base_model, cfg.training.revision),
+            device.torch_device,
+            render_dtype(device.type, cfg.renders.precision),
+            sampler=cfg.renders.sampler,
+            lora_scale=cfg.export.fuse_lora_scale,
+            compile_unet=cfg.renders.compile,
+        )
+        render_sheet(sheet, out, RenderSettings.from_config(cfg), lora, load, log=log)
+        paths = RenderPaths(out)
+        review_renders(
+            paths, auto_approve=cfg.renders.auto_approve, require_qa_pass=cfg.renders.require_qa_pass
+        )
+        result = publish_renders(paths, config_hash=cfg.config_hash(), run_id=None, log=log)
+    except (ConfigError, DeviceError, BaseModelError, RenderSourceError) as exc:
+        return _error("render", str(exc))
+    for r in result.rows:
+        print(f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={r['qa_passed']}")
+    log(f"contact sheet: {paths.contact_sheet}")
+    if not result.rows:
+        log("nothing published: no candidate passed QA (see the contact sheet), or auto_approve is off")
+        return EXIT_NOTHING_PUBLISHED
+    return EXIT_OK
+
+
 # -- registry ------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -260,6 +364,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         help="list the Dagster materialisations that fed a LoRA (by run id or exported file), in pipeline order",
         add_arguments=_lineage_arguments,
         run=cmd_lineage,
+    ),
+    "render": Subcommand(
+        help="render, QA-rank and publish product photos of one SKU with the category's LoRA",
+        add_arguments=_render_arguments,
+        run=cmd_render,
     ),
 }
 

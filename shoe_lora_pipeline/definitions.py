@@ -12,13 +12,27 @@ from pathlib import Path
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets import STAGE_NAMES, STAGES, category_assets
-from shoe_lora_pipeline.automation import build_automation
+from shoe_lora_pipeline.assets import (
+    RENDER_STAGE_NAMES,
+    STAGE_NAMES,
+    STAGES,
+    category_assets,
+    render_assets,
+)
+from shoe_lora_pipeline.automation import build_automation, build_specs_sensor
 from shoe_lora_pipeline.core.config import load_config
 from shoe_lora_pipeline.core.evaluation.checks import check_descriptions
 from shoe_lora_pipeline.resources import PipelineConfigResource, default_resources
 
-__all__ = ["STAGES", "STAGE_NAMES", "build_definitions", "category_assets", "defs"]
+__all__ = [
+    "RENDER_STAGE_NAMES",
+    "STAGES",
+    "STAGE_NAMES",
+    "build_definitions",
+    "category_assets",
+    "defs",
+    "render_assets",
+]
 
 
 def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
@@ -33,10 +47,19 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
     assets = category_assets(first, check_descriptions=described) + [
         a for name in others for a in category_assets(name, primary=False, check_descriptions=described)
     ]
+    assets += [
+        a
+        for name in cfg.category_names()
+        if cfg.for_category(name).renders.specs_csv is not None
+        for a in render_assets(name, primary=name == first)
+    ]
     resources = default_resources()
     if config_path is not None:
         resources["pipeline_config"] = PipelineConfigResource(config_path=str(config_path))
     jobs, schedules, sensors = build_automation(cfg)
+    specs_sensor = build_specs_sensor(cfg)
+    if specs_sensor is not None:
+        sensors.append(specs_sensor)
     return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=sensors, resources=resources)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from shoe_lora_pipeline.assets import STAGE_NAMES, STAGES, category_assets
 from shoe_lora_pipeline.core.config import ConfigError, load_config
-from shoe_lora_pipeline.definitions import build_definitions
+from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 from .conftest import DEMO_RAW_DIR
@@ -69,7 +69,8 @@ def test_single_dataset_section_is_one_category() -> None:
     assert cfg.for_category("casual_shoes").dataset.output_dir == cfg.dataset.output_dir
     defs = build_definitions("configs/demo.yaml")
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert keys == set(STAGE_NAMES)  # unchanged asset keys for a single-category project
+    # Unchanged asset keys for a single-category project, plus the renders group (the demo has a specs sheet).
+    assert keys == set(STAGE_NAMES) | set(RENDER_STAGE_NAMES)
 
 
 def test_categories_get_their_own_chains_and_folders(tmp_path: Path) -> None:

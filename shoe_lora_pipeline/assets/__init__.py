@@ -18,7 +18,10 @@ from shoe_lora_pipeline.assets import (
     final_pipeline,
     lora_training,
     lora_weights,
+    product_renders,
+    published_renders,
     raw_images,
+    render_review,
     training_latents,
 )
 from shoe_lora_pipeline.assets._category import category_key, for_category
@@ -36,6 +39,13 @@ STAGES: list[dg.AssetsDefinition] = [
     evaluation_report.evaluation_report,
 ]
 STAGE_NAMES: list[str] = [stage.key.to_user_string() for stage in STAGES]
+# Product renders, downstream of a category's LoRA; built for the categories that have renders.specs_csv.
+RENDER_STAGES: list[dg.AssetsDefinition] = [
+    product_renders.product_renders,
+    render_review.render_review,
+    published_renders.published_renders,
+]
+RENDER_STAGE_NAMES: list[str] = [stage.key.to_user_string() for stage in RENDER_STAGES]
 
 
 def category_assets(
@@ -60,3 +70,13 @@ def category_assets(
 def category_keys(category: str, primary: bool) -> list[dg.AssetKey]:
     """The asset keys of one category's chain, in pipeline order."""
     return [category_key(stage.key, category, primary) for stage in STAGES]
+
+
+def render_assets(category: str, primary: bool = True) -> list[dg.AssetsDefinition]:
+    """One category's renders group (product_renders → render_review → published_renders)."""
+    return [for_category(stage, category, primary) for stage in RENDER_STAGES]
+
+
+def render_keys(category: str, primary: bool) -> list[dg.AssetKey]:
+    """The asset keys of one category's renders group, in order."""
+    return [category_key(stage.key, category, primary) for stage in RENDER_STAGES]

@@ -252,6 +252,47 @@ class EvaluationConfig(_Strict):
     thresholds: EvaluationThresholds = EvaluationThresholds()
 
 
+RENDERS_NEGATIVE_PROMPT = "blurry, low quality, cropped, out of frame, multiple shoes, text, watermark, logo, busy background, shadow"
+
+
+class RendersConfig(_Strict):
+    """Product renders: a specs sheet in, QA-ranked, reviewed and published product photos out."""
+
+    specs_csv: Path | None = Field(
+        None, description="Specs sheet (sku, colour, type, characteristics, count[, view, prompt, …])."
+    )
+    max_per_sku: int = Field(8, ge=1, description="Refuse a row whose count is above this.")
+    candidates_per_image: int = Field(4, ge=1, description="Candidates generated per wanted image.")
+    auto_approve: bool = Field(True, description="Approve the top `count` candidates no review rejects.")
+    require_qa_pass: bool = Field(True, description="Auto-approve only candidates that pass product QA.")
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    sampler: Literal["dpmpp_2m", "pndm", "ddim", "euler"] = Field(
+        "dpmpp_2m", description="dpmpp_2m: DPM++ 2M (deterministic, good at 20-30 steps); pndm: SD1.5's own."
+    )
+    resolution: int | None = Field(None, ge=64, description="Render size; default dataset.resolution.")
+    batch_size: int = Field(8, ge=1, description="Images per pipeline call, across SKUs.")
+    seed: int = Field(0, ge=0, description="Mixed into every (sku, index) seed; change it for new images.")
+    negative_prompt: str = Field(RENDERS_NEGATIVE_PROMPT, description="Default for rows without one.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 elsewhere."
+    )
+    compile: bool = Field(False, description="torch.compile the UNet on CUDA (pays back on large sheets).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int | None) -> int | None:
+        if v is not None and v % 8:
+            raise ValueError(f"renders.resolution must be a multiple of 8 (latents are 1/8), got {v}")
+        return v
+
+
+class CategoryRendersConfig(_Strict):
+    specs_csv: Path | None = Field(
+        None, description="This category's specs sheet; other renders keys shared."
+    )
+
+
 class CategoryConfig(_Strict):
     """One more product category: its own photos and output folders; other dataset keys default to
     the ``dataset:`` section's."""
@@ -264,6 +305,7 @@ class CategoryConfig(_Strict):
     default_characteristics: str | None = None
     caption_template: str | None = None
     min_valid_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    renders: CategoryRendersConfig | None = None
 
 
 class AutomationConfig(_Strict):
@@ -299,6 +341,7 @@ class PipelineConfig(_Strict):
     training: TrainingConfig
     export: ExportConfig = ExportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    renders: RendersConfig = RendersConfig()
     device: Literal["auto", "mps", "cuda", "cpu"] = "auto"
     source_path: Path | None = Field(None, exclude=True, description="The YAML file this came from.")
 
@@ -333,13 +376,21 @@ class PipelineConfig(_Strict):
             raise ConfigError(f"unknown category {name!r}; configured: {', '.join(self.category_names())}")
         cat = self.categories[name]
         overrides = {
-            k: v for k, v in cat.model_dump(exclude={"training_output_dir"}).items() if v is not None
+            k: v
+            for k, v in cat.model_dump(exclude={"training_output_dir", "renders"}).items()
+            if v is not None
         }
         dataset = self.dataset.model_copy(update={**overrides, "name": name})
         training = self.training.model_copy(
             update={"output_dir": cat.training_output_dir or cat.output_dir / "lora"}
         )
-        return self.model_copy(update={"dataset": dataset, "training": training, "categories": {}})
+        # A specs sheet lists one category's SKUs: never inherit the first category's sheet.
+        renders = self.renders.model_copy(
+            update={"specs_csv": cat.renders.specs_csv if cat.renders else None}
+        )
+        return self.model_copy(
+            update={"dataset": dataset, "training": training, "renders": renders, "categories": {}}
+        )
 
     def config_hash(self) -> str:
         """Stable hash of the resolved configuration (paths included), for provenance and resume checks."""
@@ -378,6 +429,7 @@ _PATH_FIELDS = {
     "dataset": ("raw_dir", "output_dir", "styles_csv"),
     "training": ("output_dir",),
     "evaluation": ("inception_weights", "clip_model_dir"),
+    "renders": ("specs_csv",),
 }
 
 
@@ -387,6 +439,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(categories, dict):
         cat_keys = ("raw_dir", "output_dir", "training_output_dir", "styles_csv")
         sections += [(cat, cat_keys) for cat in categories.values()]
+        sections += [
+            (cat.get("renders"), ("specs_csv",)) for cat in categories.values() if isinstance(cat, dict)
+        ]
     for sect, keys in sections:
         if not isinstance(sect, dict):
             continue

@@ -77,3 +77,8 @@ class Layout:
     @property
     def evaluation_dir(self) -> Path:
         return self.training_dir / "evaluation"
+
+    # product renders (everything the renders stages write is under this folder)
+    @property
+    def renders_dir(self) -> Path:
+        return self.training_dir / "renders"

@@ -837,11 +837,28 @@ def _from_model_card(path: Path) -> dict[str, Any]:
     }
 
 
+def _from_render_png(path: Path) -> dict[str, Any]:
+    """A published product render: the LoRA's provenance travels inside the PNG (core.renders.pnginfo)."""
+    from shoe_lora_pipeline.core.renders.pnginfo import PngProvenanceError, read_png_provenance
+
+    try:
+        found = read_png_provenance(path)
+    except PngProvenanceError as exc:
+        raise ProvenanceError(str(exc)) from None
+    render = found["render"]
+    if not isinstance(render, dict) or not isinstance(render.get("lora_provenance"), dict):
+        raise ProvenanceError(f"{path}: no shoe_lora_render provenance chunk in this PNG")
+    extra = {k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema"}}
+    extra["parameters"] = found["parameters"]
+    return {"format": "render_png", "lora": {}, "provenance": render["lora_provenance"], "extra": extra}
+
+
 def read_provenance(path: Path) -> dict[str, Any]:
     """Provenance and LoRA hyper-parameters stored in an exported file or folder.
 
     Accepts a ``.safetensors`` file (kohya, diffusers or PEFT export), ``adapter_config.json``,
-    ``provenance.json``, ``README.md``, the ``lora_weights`` folder or a fused pipeline folder.
+    ``provenance.json``, ``README.md``, the ``lora_weights`` folder, a fused pipeline folder or a published
+    product render (``.png``).
     Returns ``{"path", "format", "lora", "provenance", "extra"}``. Raises :class:`ProvenanceError` naming the path when there is none.
     """
     path = Path(path)
@@ -865,8 +882,12 @@ def read_provenance(path: Path) -> dict[str, Any]:
         result = _from_json_record(path)
     elif suffix == ".md":
         result = _from_model_card(path)
+    elif suffix == ".png":
+        result = _from_render_png(path)
     else:
-        raise ProvenanceError(f"{path}: not an exported file (.safetensors, provenance.json or README.md)")
+        raise ProvenanceError(
+            f"{path}: not an exported file (.safetensors, provenance.json, README.md or a render .png)"
+        )
     lora = result["lora"]
     if lora.get("rank") and lora.get("alpha") is not None and "scale" not in lora:
         lora["scale"] = float(lora["alpha"]) / float(lora["rank"])

@@ -1,0 +1,48 @@
+"""published_renders: the approved renders with their provenance inside each PNG, and a manifest."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.core.renders import RenderPaths, publish_renders
+from shoe_lora_pipeline.resources import PipelineConfigResource
+
+
+@dg.asset(
+    group_name="renders",
+    deps=["render_review"],
+    kinds={"png"},
+    code_version="1",
+    description="published/SKU/*.png: the approved candidates, each with the A1111 `parameters` text "
+    "chunk and a JSON chunk (LoRA sha256, config hash, Dagster run ids, QA, the LoRA's provenance, which "
+    "`shoe-lora audit` / `lineage` read), and published/manifest.csv (sku, file, sha256, prompt, seed, LoRA "
+    "sha256, QA score). The folder mirrors the current approvals.",
+)
+def published_renders(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
+) -> dg.MaterializeResult:
+    cfg = pipeline_config.get(category_of(context))
+    result = publish_renders(
+        RenderPaths(Layout.of(cfg).renders_dir),
+        config_hash=cfg.config_hash(),
+        run_id=context.run.run_id,
+        log=context.log.warning,
+    )
+    rows = [{**r, "sha256": r["sha256"][:12]} for r in result.rows]
+    metadata = {
+        **config_metadata(cfg),
+        "published_dir": dg.MetadataValue.path(str(result.published_dir)),
+        "manifest": dg.MetadataValue.path(str(result.manifest)),
+        "images": len(result.rows),
+        "skus_published": len({r["sku"] for r in result.rows}),
+        "skus_without_images": dg.MetadataValue.json(result.skus_without_images),
+        "published": dg.MetadataValue.md(
+            md_table(rows, ["file", "qa_score", "qa_passed", "approved_by", "sha256"])
+        ),
+    }
+    if result.rows:
+        first = result.published_dir / result.rows[0]["file"]
+        metadata["first_image"] = dg.MetadataValue.md(thumbnail_md(first, result.rows[0]["sku"], 256))
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,53 @@
+"""render_review: the contact sheet, the reviewer's reviews.csv and which candidates are approved."""
+# No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+import dagster as dg
+
+from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._metadata import md_table
+from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.core.renders import RenderPaths, review_renders
+from shoe_lora_pipeline.resources import PipelineConfigResource
+
+
+@dg.asset(
+    group_name="renders",
+    deps=["product_renders"],
+    kinds={"html"},
+    code_version="1",
+    description="contact_sheet.html (best candidates first, QA scores, prompt, seed) and reviews.csv "
+    "(sku, file, decision, note) for a reviewer to edit; decisions survive re-runs. Approves what reviews "
+    "approve plus, with renders.auto_approve, the top `count` candidates no review rejects (QA-passing "
+    "ones only with renders.require_qa_pass).",
+)
+def render_review(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
+) -> dg.MaterializeResult:
+    cfg = pipeline_config.get(category_of(context))
+    result = review_renders(
+        RenderPaths(Layout.of(cfg).renders_dir),
+        auto_approve=cfg.renders.auto_approve,
+        require_qa_pass=cfg.renders.require_qa_pass,
+        run_id=context.run.run_id,
+    )
+    for sku in result.skus_without_approval:
+        context.log.warning(f"{sku}: no candidate approved (none passed QA, or all were rejected)")
+    approved = [
+        {"sku": sku, "file": a["file"], "by": a["source"], "rank": a["rank"], "qa_score": a["qa_score"]}
+        for sku, items in result.approvals.items()
+        for a in items
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "contact_sheet": dg.MetadataValue.path(str(result.contact_sheet)),
+            "reviews_csv": dg.MetadataValue.path(str(result.reviews_csv)),
+            "candidates": result.n_candidates,
+            "approved_images": len(approved),
+            "approved_by_review": result.n_approved_by_review,
+            "rejected_by_review": result.n_rejected_by_review,
+            "skus_without_approval": dg.MetadataValue.json(result.skus_without_approval),
+            "auto_approve": cfg.renders.auto_approve,
+            "require_qa_pass": cfg.renders.require_qa_pass,
+            "approved": dg.MetadataValue.md(md_table(approved, ["sku", "file", "by", "rank", "qa_score"])),
+        }
+    )

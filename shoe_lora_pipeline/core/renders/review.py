@@ -1,0 +1,294 @@
+"""render_review's core: the reviewer's ``reviews.csv``, the approval rule and the HTML contact sheet.
+
+``reviews.csv`` has one row per candidate (``sku, file, decision, note``), best first within a SKU.
+A reviewer sets ``decision`` to ``approve`` or ``reject`` (``approved``/``rejected`` and any case are
+accepted; empty = no decision) and may write a note; anything else stops the run with the line and value,
+because a mistyped "reject" must never publish an image. Every run rewrites the file with the current
+candidates and keeps every decision and note already there; rows for candidates that no longer exist are
+kept (at the end) while they hold a decision or note, and dropped when empty. Excel's ``;`` separator and
+UTF-8 BOM are read too.
+
+Approval per SKU: every candidate a review approves, then, with ``renders.auto_approve``, the best-ranked
+candidates that no review rejects up to the row's ``count`` (only QA-passing ones when
+``renders.require_qa_pass``).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
+from shoe_lora_pipeline.core.renders.store import RenderPaths, read_index
+
+REVIEW_COLUMNS = ("sku", "file", "decision", "note")
+APPROVE, REJECT = "approve", "reject"
+_DECISIONS = {"": "", "approve": APPROVE, "approved": APPROVE, "reject": REJECT, "rejected": REJECT}
+
+
+class ReviewsError(ValueError):
+    """reviews.csv cannot be used as it is; the message names the file, line and value."""
+
+
+@dataclass(frozen=True)
+class Review:
+    sku: str
+    file: str
+    decision: str  # "approve" | "reject" | ""
+    note: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.sku, self.file)
+
+
+def read_reviews(path: Path) -> list[Review]:
+    """The reviews in ``path`` (none when the file does not exist yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ReviewsError(f"{path}: not UTF-8 ({exc}); save it as CSV UTF-8") from None
+    first = text.split("\n", 1)[0]
+    delimiter = ";" if ";" in first and "," not in first else ","
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header: list[str] | None = None
+    seen: dict[tuple[str, str], tuple[int, Review]] = {}
+    out: list[Review] = []
+    for fields in reader:
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if header is None:
+            header = [h.strip().lower() for h in fields]
+            missing = [c for c in REVIEW_COLUMNS[:3] if c not in header]
+            if missing:
+                raise ReviewsError(f"{path}: header {fields!r} lacks the column(s) {', '.join(missing)}")
+            continue
+        values = {name: fields[i].strip() if i < len(fields) else "" for i, name in enumerate(header)}
+        raw = values.get("decision", "")
+        decision = _DECISIONS.get(raw.lower())
+        if decision is None:
+            raise ReviewsError(
+                f"{path}: line {reader.line_num}: decision {raw!r} for {values.get('sku')!r} / "
+                f"{values.get('file')!r}: use approve, reject or leave it empty"
+            )
+        review = Review(values.get("sku", ""), values.get("file", ""), decision, values.get("note", ""))
+        if review.key in seen:
+            line, other = seen[review.key]
+            if other.decision != review.decision:
+                raise ReviewsError(
+                    f"{path}: lines {line} and {reader.line_num} give {review.sku!r} / {review.file!r} "
+                    f"different decisions ({other.decision or 'none'} vs {review.decision or 'none'})"
+                )
+            continue
+        seen[review.key] = (reader.line_num, review)
+        out.append(review)
+    return out
+
+
+def merge_reviews(existing: Iterable[Review], records: Sequence[Mapping[str, Any]]) -> list[Review]:
+    """One row per current candidate (sheet order, best first) with its decision and note kept, then the
+    rows of vanished candidates that still hold a decision or note."""
+    by_key = {r.key: r for r in existing}
+    out: list[Review] = []
+    current: set[tuple[str, str]] = set()
+    for record in records:
+        for c in record["candidates"]:
+            key = (record["sku"], c["file"])
+            current.add(key)
+            out.append(by_key.get(key, Review(record["sku"], c["file"], "")))
+    out += [r for k, r in by_key.items() if k not in current and (r.decision or r.note)]
+    return out
+
+
+def write_reviews(reviews: Iterable[Review], path: Path) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(REVIEW_COLUMNS)
+    for r in reviews:
+        writer.writerow([r.sku, r.file, r.decision, r.note])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _approval(c: Mapping[str, Any], source: str) -> dict[str, Any]:
+    return {
+        "file": c["file"],
+        "source": source,
+        "rank": c["rank"],
+        "qa_passed": c["qa"]["passed"],
+        "qa_score": c["qa"]["score"],
+    }
+
+
+def decide(
+    records: Sequence[Mapping[str, Any]],
+    reviews: Iterable[Review],
+    *,
+    auto_approve: bool,
+    require_qa_pass: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Approved candidates per SKU: ``{"file", "source": "review"|"auto", "rank", "qa_passed", "qa_score"}``."""
+    by_key = {r.key: r.decision for r in reviews}
+    approvals: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        sku, wanted = record["sku"], int(record["row"]["count"])
+        chosen = [
+            _approval(c, "review") for c in record["candidates"] if by_key.get((sku, c["file"])) == APPROVE
+        ]
+        if auto_approve:
+            taken = {a["file"] for a in chosen}
+            for c in record["candidates"]:  # best first
+                if len(chosen) >= wanted:
+                    break
+                if c["file"] in taken or by_key.get((sku, c["file"])) == REJECT:
+                    continue
+                if require_qa_pass and not c["qa"]["passed"]:
+                    continue
+                chosen.append(_approval(c, "auto"))
+        approvals[sku] = chosen
+    return approvals
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h2{margin:1.4em 0 .2em;font-size:1.1em}
+.prompt{color:#555;font-size:.9em;margin:.2em 0 .6em}
+.grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:200px;border:3px solid #ddd;padding:4px;font-size:.78em}
+figure.approved{border-color:#2a8a3e} figure.rejected{border-color:#b33;opacity:.6}
+figure img{width:200px;height:200px;object-fit:contain;background:#fff;display:block}
+.pass{color:#2a8a3e;font-weight:600} .fail{color:#b33;font-weight:600}
+table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+code{font-size:.9em}
+"""
+
+
+def _figure(sku: str, c: Mapping[str, Any], decision: str, approved: Mapping[str, str]) -> str:
+    qa = c["qa"]
+    status = (
+        '<span class="pass">QA pass</span>'
+        if qa["passed"]
+        else (f'<span class="fail">QA fail</span>: {html.escape(", ".join(qa["failed"]))}')
+    )
+    state = f"approved ({approved[c['file']]})" if c["file"] in approved else (decision or "no decision")
+    css = "approved" if c["file"] in approved else "rejected" if decision == REJECT else ""
+    src = f"candidates/{quote(sku)}/{quote(c['file'])}"
+    return (
+        f'<figure class="{css}"><img src="{html.escape(src)}" alt="{html.escape(c["file"])}" loading="lazy">'
+        f"<figcaption>#{c['rank']} · score {qa['score']:.3f} · {status}<br>seed <code>{c['seed']}</code>"
+        f"<br><code>{html.escape(c['file'])}</code><br>{html.escape(state)}</figcaption></figure>"
+    )
+
+
+def contact_sheet_html(
+    index: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    reviews: Iterable[Review],
+    approvals: Mapping[str, Sequence[Mapping[str, Any]]],
+    rejected_rows: Sequence[Mapping[str, str]],
+    *,
+    run_id: str | None,
+) -> str:
+    """A self-contained page (inline CSS, images by path relative to the renders folder)."""
+    decisions = {r.key: r.decision for r in reviews}
+    esc = html.escape
+    lora = index.get("lora") or {}
+    n_approved = sum(len(v) for v in approvals.values())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Product renders: review</title>",
+        f"<style>{_CSS}</style></head><body><h1>Product renders: review</h1>",
+        f"<p>Run <code>{esc(str(run_id))}</code> · specs sha256 <code>{esc(str(index.get('specs_sha256'))[:16])}</code>"
+        f" · LoRA <code>{esc(str(lora.get('name')))}</code> sha256 <code>{esc(str(lora.get('lora_sha256'))[:16])}</code>"
+        f" · {len(records)} SKUs · {n_approved} images approved · settings <code>{esc(str(index.get('settings')))}</code></p>",
+        "<p>Edit <code>reviews.csv</code> (decision: approve / reject) and materialize render_review again.</p>",
+    ]
+    if rejected_rows:
+        parts.append(
+            f"<h2>{len(rejected_rows)} specs rows refused</h2><table><tr><th>line</th><th>sku</th><th>problem</th></tr>"
+        )
+        parts += [
+            f"<tr><td>{esc(r.get('line', ''))}</td><td>{esc(r.get('sku', ''))}</td><td>{esc(r.get('problem', ''))}</td></tr>"
+            for r in rejected_rows
+        ]
+        parts.append("</table>")
+    for record in records:
+        sku = record["sku"]
+        approved = {a["file"]: a["source"] for a in approvals.get(sku, [])}
+        parts.append(
+            f"<h2>{esc(sku)} — {len(approved)} of {record['row']['count']} approved</h2>"
+            f"<p class='prompt'>{esc(record['row']['prompt'])}<br>negative: {esc(record['row']['negative_prompt'])}</p>"
+            "<div class='grid'>"
+        )
+        parts += [
+            _figure(sku, c, decisions.get((sku, c["file"]), ""), approved) for c in record["candidates"]
+        ]
+        parts.append("</div>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+@dataclass
+class ReviewResult:
+    contact_sheet: Path
+    reviews_csv: Path
+    approvals: dict[str, list[dict[str, Any]]]
+    n_candidates: int
+    n_approved_by_review: int
+    n_rejected_by_review: int
+    skus_without_approval: list[str]
+
+
+def _read_rejected(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def review_renders(
+    paths: RenderPaths,
+    *,
+    auto_approve: bool,
+    require_qa_pass: bool,
+    run_id: str | None = None,
+) -> ReviewResult:
+    """Merge reviews.csv with the current candidates, decide approvals, write approvals.json and the page."""
+    index, records = read_index(paths)
+    reviews = merge_reviews(read_reviews(paths.reviews_csv), records)
+    write_reviews(reviews, paths.reviews_csv)
+    approvals = decide(records, reviews, auto_approve=auto_approve, require_qa_pass=require_qa_pass)
+    atomic_write_json(
+        paths.approvals_json,
+        {
+            "dagster_run_id": run_id,
+            "specs_sha256": index.get("specs_sha256"),
+            "keys": {s["sku"]: s["key"] for s in index["skus"]},
+            "auto_approve": auto_approve,
+            "require_qa_pass": require_qa_pass,
+            "approvals": approvals,
+        },
+        ensure_ascii=False,
+    )
+    page = contact_sheet_html(
+        index, records, reviews, approvals, _read_rejected(paths.rejected_csv), run_id=run_id
+    )
+    atomic_write_text(paths.contact_sheet, page)
+    current = {(r["sku"], c["file"]) for r in records for c in r["candidates"]}
+    live = [r for r in reviews if r.key in current]
+    return ReviewResult(
+        contact_sheet=paths.contact_sheet,
+        reviews_csv=paths.reviews_csv,
+        approvals=approvals,
+        n_candidates=len(current),
+        n_approved_by_review=sum(r.decision == APPROVE for r in live),
+        n_rejected_by_review=sum(r.decision == REJECT for r in live),
+        skus_without_approval=[sku for sku, a in approvals.items() if not a],
+    )

@@ -1,0 +1,295 @@
+"""Product renders on the tiny model: reproducible seeds, incremental re-renders, the specs-sheet sensor,
+the CLI, and one materialisation of published_renders from a sheet with good and hostile rows."""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from shoe_lora_pipeline.cli import main as cli_main
+from shoe_lora_pipeline.core import lora_io
+from shoe_lora_pipeline.core.config import load_config
+from shoe_lora_pipeline.core.models import tiny_sd_path
+from shoe_lora_pipeline.core.renders import (
+    RenderSettings,
+    lora_source,
+    parse_a1111_parameters,
+    pipeline_loader,
+    read_png_provenance,
+    read_specs,
+    render_sheet,
+    spec_rules,
+)
+from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions, render_assets
+from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
+
+from .conftest_training import one_torch_thread
+from .test_lora_io import make_training_checkpoint
+
+GOOD = "sku,colour,type,characteristics,count,view\nCS-1,black,casual,lace-up,1,side\nÜ-2,white,casual sneakers,,2,\n"
+HOSTILE = (
+    '"../escape",black,casual,,1,\n'
+    '"a/b",black,casual,,1,\n'
+    '"nul\x00sku",black,casual,,1,\n'
+    f"{'L' * 150},black,casual,,1,\n"
+    "NO-COLOUR,,casual,,1,\n"
+    "ZERO,black,casual,,0,\n"
+    "TOO-MANY,black,casual,,99,\n"
+    "CS-1,brown,casual,,1,\n"
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, tiny_sd_cache: Path) -> Path:
+    """training.output_dir with lora_weights/ (a random LoRA, exported as the pipeline does) and a
+    final_pipeline/ fused from it."""
+    root = tmp_path_factory.mktemp("lora")
+    base = tiny_sd_path(tiny_sd_cache)
+    with one_torch_thread():
+        ckpt, _ = make_training_checkpoint(root, base, rank=4, alpha=4, step=4)
+        provenance = {"dagster_run_id": "lora-run-1", "dataset_name": "casual_shoes"}
+        lora_io.export_lora(
+            ckpt,
+            root / "lora_weights",
+            dataset_name="casual_shoes",
+            provenance=provenance,
+            training=lora_io.TrainingFacts(),
+        )
+        lora_io.fuse_lora_pipeline(base, root / "lora_weights", root / "final_pipeline")
+    return root
+
+
+def project(tmp_path: Path, exported: Path, sheet: str) -> Path:
+    """A config + specs sheet + a copy of the exported LoRA where the config expects it."""
+    (tmp_path / "raw").mkdir()
+    lora_dir = tmp_path / "out" / "lora"
+    for name in ("lora_weights", "final_pipeline"):
+        shutil.copytree(exported / name, lora_dir / name)
+    (tmp_path / "specs.csv").write_text(sheet, encoding="utf-8")
+    cfg = tmp_path / "renders.yaml"
+    cfg.write_text(
+        """
+dataset: {name: casual_shoes, raw_dir: raw, output_dir: out, resolution: 64}
+training: {base_model: tiny-sd, output_dir: out/lora}
+renders:
+  specs_csv: specs.csv
+  candidates_per_image: 2
+  num_inference_steps: 2
+  batch_size: 3
+  require_qa_pass: false   # the random tiny model never passes product QA
+device: cpu
+"""
+    )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pipe(exported: Path, tiny_sd_cache: Path) -> Any:
+    load = pipeline_loader(
+        lora_source(exported / "lora_weights", exported / "final_pipeline"),
+        lambda: tiny_sd_path(tiny_sd_cache),
+        torch.device("cpu"),
+        torch.float32,
+        sampler="dpmpp_2m",
+    )
+    with one_torch_thread():
+        return load()[0]
+
+
+def render(cfg_path: Path, renders_dir: Path, loader: Any, **overrides: Any) -> Any:
+    cfg = load_config(cfg_path)
+    source = lora_source(cfg.training.output_dir / "lora_weights", cfg.training.output_dir / "final_pipeline")
+    source = dataclasses.replace(source, **overrides)
+    sheet = read_specs(cfg.renders.specs_csv, **spec_rules(cfg))
+    with one_torch_thread():
+        return render_sheet(
+            sheet, renders_dir, RenderSettings.from_config(cfg), source, loader, log=lambda _: None
+        )
+
+
+def pixels(folder: Path) -> dict[str, str]:
+    """Per PNG under ``folder``: a digest of its pixels (file bytes also hold the run's text chunks)."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(np.asarray(Image.open(p)).tobytes()).hexdigest()
+        for p in sorted(folder.rglob("*.png"))
+    }
+
+
+def test_rerun_reproduces_and_only_changed_rows_rerender(tmp_path: Path, exported: Path, pipe: Any) -> None:
+    cfg = project(tmp_path, exported, GOOD)
+    calls: list[int] = []
+
+    def loader() -> tuple[Any, list[str]]:
+        calls.append(1)
+        return pipe, []
+
+    first = render(cfg, tmp_path / "a", loader)
+    assert first.rendered == ["CS-1", "Ü-2"] and first.stats.images == 6 and first.stats.calls == 2
+    again = render(cfg, tmp_path / "b", loader)  # a fresh folder: the very same images
+    assert pixels(tmp_path / "a" / "candidates") == pixels(tmp_path / "b" / "candidates")
+    seeds = [c["seed"] for c in first.records[1]["candidates"]]
+    assert sorted(seeds) == sorted(c["seed"] for c in again.records[1]["candidates"])
+
+    # Nothing changed: no model is loaded.
+    calls.clear()
+    assert render(cfg, tmp_path / "a", loader).reused == ["CS-1", "Ü-2"] and not calls
+
+    # One row changed, one row added before it: only those render; Ü-2 keeps its seeds and files.
+    before = pixels(tmp_path / "a" / "candidates" / "Ü-2")
+    (tmp_path / "specs.csv").write_text(
+        "sku,colour,type,characteristics,count,view\nNEW-3,red,casual,,1,\nCS-1,navy,casual,lace-up,1,side\n"
+        "Ü-2,white,casual sneakers,,2,\n",
+        encoding="utf-8",
+    )
+    changed = render(cfg, tmp_path / "a", loader)
+    assert changed.rendered == ["NEW-3", "CS-1"] and changed.reused == ["Ü-2"] and len(calls) == 1
+    assert pixels(tmp_path / "a" / "candidates" / "Ü-2") == before
+
+    # A new LoRA file re-renders everything; a SKU that left the sheet is removed.
+    (tmp_path / "specs.csv").write_text(
+        "sku,colour,type,characteristics,count,view\nÜ-2,white,casual sneakers,,2,\n", encoding="utf-8"
+    )
+    newer = render(cfg, tmp_path / "a", loader, lora_sha256="0" * 64)
+    assert newer.rendered == ["Ü-2"] and sorted(newer.removed) == ["CS-1", "NEW-3"]
+    assert sorted(p.name for p in (tmp_path / "a" / "candidates").iterdir()) == ["Ü-2"]
+
+
+def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, tiny_sd_cache: Path) -> None:
+    cfg_path = project(tmp_path, exported, GOOD + HOSTILE)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    resources = {
+        "pipeline_config": PipelineConfigResource(config_path=str(cfg_path)),
+        "device": DeviceResource(device="cpu"),
+        "base_model": BaseModelResource(cache_dir=str(tiny_sd_cache)),
+    }
+    with one_torch_thread():
+        result = dg.materialize(render_assets("casual_shoes"), resources=resources)
+    assert result.success
+    renders = tmp_path / "out" / "lora" / "renders"
+    meta = {
+        m.asset_key.path[-1]: m.materialization.metadata for m in result.get_asset_materialization_events()
+    }
+    assert meta["product_renders"]["rows_refused"].value == 8
+    assert meta["product_renders"]["pipeline"].value == "final_pipeline"
+
+    # Published: exactly the good SKUs, count images each, with readable A1111 parameters and provenance.
+    published = renders / "published"
+    assert sorted(p.name for p in published.iterdir() if p.is_dir()) == ["CS-1", "Ü-2"]
+    manifest = (published / "manifest.csv").read_text(encoding="utf-8").splitlines()
+    assert len(manifest) == 1 + 1 + 2
+    lora_sha = lora_source(exported / "lora_weights", None).lora_sha256
+    for png in published.rglob("*.png"):
+        found = read_png_provenance(png)
+        params = parse_a1111_parameters(found["parameters"])
+        assert params["Steps"] == "2" and params["Size"] == "64x64" and params["Sampler"] == "DPM++ 2M"
+        assert params["Lora hashes"].startswith("casual_shoes_lora: ")
+        render_info = found["render"]
+        assert render_info["lora_sha256"] == lora_sha and render_info["dagster_run_id"] == result.run_id
+        assert render_info["config_hash"] and str(render_info["seed"]) == params["Seed"]
+        assert render_info["lora_provenance"]["dagster_run_id"] == "lora-run-1"
+    # `shoe-lora audit` reads a published PNG like any exported file.
+    assert (
+        lora_io.read_provenance(next(published.rglob("*.png")))["provenance"]["dagster_run_id"]
+        == "lora-run-1"
+    )
+
+    # Every refused row is named; nothing was written outside the renders folder; the sheet is untouched.
+    rejected = (renders / "rejected_specs.csv").read_text(encoding="utf-8")
+    for why in (
+        "path separator",
+        "control character",
+        "bytes long",
+        "missing colour",
+        "at least 1",
+        "max_per_sku",
+        "duplicate sku: line 2",
+    ):
+        assert why in rejected, why
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and renders not in p.parents}
+    assert after == before
+    html = (renders / "contact_sheet.html").read_text(encoding="utf-8")
+    assert "candidates/%C3%9C-2/" in html and "http" not in html  # images by relative path only
+
+    # A reviewer rejects one published image: the next review + publish replaces it with the next best.
+    reviews = renders / "reviews.csv"
+    first_cs1 = next((published / "CS-1").iterdir()).name
+    reviews.write_text(
+        reviews.read_text(encoding="utf-8").replace(f"CS-1,{first_cs1},,", f"CS-1,{first_cs1},reject,bad"),
+        encoding="utf-8",
+    )
+    again = dg.materialize(render_assets("casual_shoes")[1:], resources=resources)
+    assert again.success
+    assert [p.name for p in (published / "CS-1").iterdir()] != [first_cs1]
+    assert f"CS-1,{first_cs1},reject,bad" in reviews.read_text(encoding="utf-8")
+
+
+def test_cli_render_one_sku(
+    tmp_path: Path,
+    exported: Path,
+    tiny_sd_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg_path = project(tmp_path, exported, GOOD)
+    monkeypatch.setenv("SHOE_LORA_CACHE", str(tiny_sd_cache))
+    args = [
+        "render",
+        "--config",
+        str(cfg_path),
+        "--sku",
+        "ONE-1",
+        "--colour",
+        "navy",
+        "--type",
+        "loafers",
+        "--count",
+        "1",
+    ]
+    with one_torch_thread():
+        assert cli_main(args) == 0
+    line = capsys.readouterr().out.strip()
+    png = Path(line.split("\t")[0])
+    assert png.parent == tmp_path / "out" / "lora" / "renders" / "oneoff" / "ONE-1" / "published" / "ONE-1"
+    params = parse_a1111_parameters(read_png_provenance(png)["parameters"])
+    assert params["prompt"].startswith("A professional product photo of navy loafers on white background")
+    assert cli_main([*args[:4], "../bad", *args[5:]]) == 2
+
+
+def test_sensor_launches_one_run_per_sheet_change(tmp_path: Path, exported: Path) -> None:
+    cfg_path = project(tmp_path, exported, GOOD)
+    defs = build_definitions(cfg_path)
+    sensor = defs.resolve_sensor_def("specs_sheet_sensor")
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        return sensor(dg.build_sensor_context(cursor=cursor, instance=instance, definitions=defs))
+
+    first = tick(None)
+    assert len(first.run_requests) == 1
+    request = first.run_requests[0]
+    assert set(request.asset_selection) == {dg.AssetKey(name) for name in RENDER_STAGE_NAMES}
+    digest = json.loads(first.cursor)["casual_shoes"]
+    assert request.run_key == f"casual_shoes:{digest}"
+    assert tick(first.cursor).run_requests == []  # unchanged sheet: nothing
+
+    (tmp_path / "specs.csv").write_text(GOOD + "CS-9,red,casual,,1,\n", encoding="utf-8")
+    second = tick(first.cursor)
+    assert len(second.run_requests) == 1 and second.run_requests[0].run_key != request.run_key
+    assert [r.run_key for r in tick(first.cursor).run_requests] == [
+        second.run_requests[0].run_key
+    ]  # same key
+
+    # A sheet already rendered by hand (its hash is on the last materialisation) launches nothing.
+    (tmp_path / "specs.csv").write_text(GOOD, encoding="utf-8")
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="product_renders", metadata={"specs_sha256": digest})
+    )
+    assert tick(second.cursor).run_requests == []
