@@ -241,7 +241,9 @@ def apply_fast_path(unet: torch.nn.Module, speed: SpeedConfig, device: torch.dev
         notes.append("channels_last memory format")
     if speed.compile:
         for block in compiled_regions(unet):
-            block.compile()
+            # Static shapes: blocks of one class share their forward's code, so without this the second
+            # block of a class (other widths) would switch dynamo to dynamic shapes and recompile slower code.
+            block.compile(dynamic=False)
         notes.append(f"torch.compile: {len(compiled_regions(unet))} UNet blocks compiled one by one")
     return notes
 
