@@ -22,14 +22,17 @@ from typing import Any
 import dagster as dg
 import psutil
 import pytest
+import torch
 import yaml
 
 from shoe_lora_pipeline.assets import category_assets
 from shoe_lora_pipeline.assets.lora_training import training_metadata
 from shoe_lora_pipeline.core import checkpoints as ckpt
 from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.distributed import Ranks
 from shoe_lora_pipeline.core.launch import TrainArgs, accelerate_command
-from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
+from shoe_lora_pipeline.core.run_artifacts import StepClock, read_losses_csv
+from shoe_lora_pipeline.core.training import PendingStep, TrainingError, settle
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
@@ -125,6 +128,34 @@ def test_accelerate_launcher_reports_what_the_in_process_asset_reports(
 # ----------------------------------------------------------------------------------------------
 # faults
 # ----------------------------------------------------------------------------------------------
+
+
+class PeerRanks(Ranks):
+    """Rank 0 of 2, whose peer's step losses are given (what the gather would bring)."""
+
+    def __init__(self, peer: list[float]) -> None:
+        super().__init__(0, 2)
+        self.peer = torch.tensor(peer, dtype=torch.float64)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.stack([tensor, self.peer])
+
+
+def pending(step: int, micro: list[float]) -> PendingStep:
+    return PendingStep(step, 1, 1e-3, torch.tensor(micro), torch.tensor(0.5), [])
+
+
+def test_logged_loss_is_the_mean_over_processes_and_a_peer_nan_stops_every_rank():
+    source = type("Source", (), {"image_files": []})()
+    rows = settle(
+        [pending(1, [0.25, 0.5]), pending(2, [1.0, 0.0])], StepClock(), source, str, PeerRanks([1.25, 3.0])
+    )
+    assert [r["loss"] for r in rows] == [1.0, 2.0]  # (0.75 + 1.25) / 2, (1 + 3) / 2
+    # Rank 0's own numbers are finite, its peer's are not: rank 0 raises too, at the same point (no wait).
+    with pytest.raises(TrainingError, match="non-finite loss at optimizer step 2 on process 1"):
+        settle(
+            [pending(1, [0.1]), pending(2, [0.1])], StepClock(), source, str, PeerRanks([0.2, float("nan")])
+        )
 
 
 def launch(config_path: Path, cache: Path, fault: dict[str, Any]) -> subprocess.Popen:

@@ -6,7 +6,7 @@ A checkpoint is a folder ``{output_dir}/checkpoints/checkpoint-N/`` (N = optimiz
                                       with the peft LoraConfig (r, lora_alpha, …) as safetensors metadata
     optimizer.bin                     AdamW state (accelerate)
     scheduler.bin                     LR scheduler state (accelerate)
-    random_states_0.pkl               python / numpy / torch CPU / CUDA RNG (one file per process)
+    random_states_<rank>.pkl          python / numpy / torch CPU / CUDA RNG (one file per process)
     scaler.pt                         only with fp16 mixed precision (GradScaler)
     losses.csv                        the per-step log up to N (rewritten into the run folder on resume)
     validation_loss.csv               the validation losses up to N (likewise), when measured
@@ -25,6 +25,10 @@ never a half-written ``checkpoint-N``; leftovers are removed by :func:`clean_sta
 ``checkpoint-N`` already exists, the old one is renamed aside, the new one renamed in, and only then is the
 old one deleted, so there is never a moment without a complete ``checkpoint-N`` on disk (a crash between
 the two renames is repaired by :func:`clean_stale_tmp`, which puts the old one back).
+
+Several processes (data parallel): every rank writes its RNG state into the same temporary folder (named by
+rank 0's pid), rank 0 the rest; rank 0 publishes the folder once every rank is done (:func:`save_checkpoint`).
+Only rank 0 cleans up, sets aside or moves folders (``training.decide_start``).
 """
 
 from __future__ import annotations
