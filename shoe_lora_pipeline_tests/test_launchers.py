@@ -3,16 +3,19 @@ the ``gpu`` pool's limit. Fast: nothing here trains (the runs are in test_scale_
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 
 from shoe_lora_pipeline.assets import category_assets
-from shoe_lora_pipeline.assets.lora_training import gpu_pool_note
+from shoe_lora_pipeline.assets.lora_training import gpu_pool_note, train_with_accelerate
 from shoe_lora_pipeline.core.config import ConfigError, load_config
+from shoe_lora_pipeline.core.device import choose_device
 from shoe_lora_pipeline.core.gpu_slots import NoFreeGpuError, lease_gpus, visible_gpus
 from shoe_lora_pipeline.core.launch import (
     ACCELERATE_MODULE,
@@ -270,3 +273,37 @@ def test_gpu_pool_limit_is_compared_with_gpu_slots():
         assert "dagster instance concurrency set gpu 2" in gpu_pool_note(instance, 2)
         instance.event_log_storage.set_concurrency_slots("gpu", 2)
         assert gpu_pool_note(instance, 2) is None
+
+
+def test_each_training_child_is_pinned_to_a_free_gpu(tmp_path, monkeypatch):
+    launched = []
+
+    class FakePipesSubprocessClient:
+        """Records the child's environment and command; checks its GPU stays taken while it runs."""
+
+        def __init__(self, env):
+            self.env = env
+
+        def run(self, *, context, command):
+            launched.append((self.env, command))
+            with pytest.raises(NoFreeGpuError):
+                lease_gpus(1, [self.env["CUDA_VISIBLE_DEVICES"]], tmp_path)
+            completed = type("Completed", (), {})()
+            completed.get_materialize_result = lambda: dg.MaterializeResult()
+            return completed
+
+    monkeypatch.setattr(dg, "PipesSubprocessClient", FakePipesSubprocessClient)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    cfg = load_config(write_config(tmp_path), overrides=["training.launcher=accelerate"])
+    gpu = choose_device("cuda", cuda_available=True)
+    context = SimpleNamespace(
+        run=SimpleNamespace(run_id="0123456789"),
+        asset_key=dg.AssetKey("lora_training"),
+        log=logging.getLogger(),
+    )
+    args = TrainArgs(str(cfg.source_path), "casual_shoes")
+    with lease_gpus(1, ["0"], tmp_path, "another category"):  # GPU 0 is busy training another category
+        train_with_accelerate(context, cfg, gpu, args, str(tmp_path))
+    train_with_accelerate(context, cfg, gpu, args, str(tmp_path))  # released after the first child: GPU 0
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in launched] == ["1", "0"]
+    assert launched[0][1] == accelerate_command(1, args)

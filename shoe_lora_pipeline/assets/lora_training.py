@@ -107,7 +107,7 @@ def train_with_accelerate(
     env: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         if device_info.type == "cuda":
-            holder = f"run {context.run_id[:8]} {context.asset_key.to_user_string()}"
+            holder = f"run {context.run.run_id[:8]} {context.asset_key.to_user_string()}"
             lease = stack.enter_context(lease_gpus(n, gpus, gpu_lock_dir or None, holder))
             env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
             context.log.info(f"GPU(s) {lease.cuda_visible_devices} for this training")

@@ -23,6 +23,11 @@ Determinism: each sample's image and random draws are functions of (seed, step, 
 number alone is the data stream's state. Checkpoints hold LoRA weights, optimizer, LR schedule and the
 global RNGs; a resumed run reproduces the uninterrupted run bit for bit for a fixed micro-batch on the
 same machine (CPU; CUDA with ``training.deterministic: true``). Validation never touches this state.
+
+Several processes (``accelerate launch``, ``core/distributed.py``): each runs this loop on its share of every
+step; rank 0 alone decides where the run starts and writes the run folder (checkpoints with every rank's
+part, losses.csv, validation, log, summary); all ranks meet at the same collectives, so a non-finite loss or
+a SIGINT on one stops them all at the same point.
 """
 
 from __future__ import annotations
