@@ -59,6 +59,11 @@ class DeviceResource(dg.ConfigurableResource):
     """Where training and generation run: MPS, then CUDA, then CPU (or as configured)."""
 
     device: str = Field(default="", description="auto|mps|cuda|cpu; empty = the config file's `device`.")
+    gpu_lock_dir: str = Field(
+        default="",
+        description="Folder of the per-GPU lock files that pin each training child to free GPUs "
+        "(launcher accelerate); empty = $SHOE_LORA_GPU_LOCKS or <tmp>/shoe_lora_gpu_locks.",
+    )
 
     def resolve(self, cfg: PipelineConfig) -> DeviceInfo:
         return choose_device(self.device or cfg.device, cfg.training.mixed_precision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,8 +50,13 @@ def fake_checkpoint(root: Path, step: int, complete: bool = True, content: bytes
 class StubAccelerator:
     """Writes a LoRA file like the real save hook would; can fail halfway through."""
 
+    is_main_process = True
+
     def __init__(self, content: bytes, fail: bool = False) -> None:
         self.content, self.fail = content, fail
+
+    def wait_for_everyone(self) -> None:
+        pass
 
     def save_state(self, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
@@ -234,4 +240,60 @@ def test_sigkill_during_save_then_resume_is_bit_identical(
     assert not (root / tmp_name).exists()
     assert f"removed unfinished checkpoint save {tmp_name}" in result.log_path.read_text()
     # Resumed in another process than the one that trained steps 1-2: still bit-identical.
+    assert_same_lora(lora_tensors(result.checkpoint_dir), uninterrupted_run["lora"])
+
+
+def copy_checkpoints(source: Path, target_root: Path, steps: list[int]) -> Path:
+    root = target_root / "checkpoints"
+    for step in steps:
+        shutil.copytree(source / ckpt.checkpoint_name(step), root / ckpt.checkpoint_name(step))
+    return root
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "truncated LoRA": lambda c: truncate(c / ckpt.LORA_WEIGHTS_NAME),
+    "missing optimizer.bin": lambda c: (c / "optimizer.bin").unlink(),
+    "truncated optimizer.bin": lambda c: truncate(c / "optimizer.bin"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_newest_checkpoint_that_does_not_load_is_set_aside(tmp_path, uninterrupted_run, damage):
+    source = uninterrupted_run["result"].output_dir / "checkpoints"
+    root = copy_checkpoints(source, tmp_path, [4, 6])
+    DAMAGES[damage](root / "checkpoint-6")
+    saved = json.loads((root / "checkpoint-6" / ckpt.STATE_NAME).read_text())
+    current = {k: saved[k] for k in ("training_hash", "training_config", "dataset_fingerprint", "base_model")}
+
+    start = ckpt.decide_start(root, current, max_train_steps=8)
+    assert start.resume_from.step == 4
+    assert start.note == "resumed from checkpoint-4 (step 4 of 8)"
+    (warning,) = start.log_lines
+    assert warning.startswith("warning: checkpoint checkpoint-6 does not load (")
+    assert "moved to broken-checkpoint-6" in warning
+    assert sorted(p.name for p in root.iterdir()) == [
+        "broken-checkpoint-6",
+        "checkpoint-4",
+    ]  # kept, not loaded
+
+
+def test_training_resumes_past_a_truncated_newest_checkpoint(
+    tmp_path, load_components, dataset, uninterrupted_run
+):
+    cfg = make_cfg(tmp_path, **RESUME_SETTINGS)
+    root = copy_checkpoints(
+        uninterrupted_run["result"].output_dir / "checkpoints", cfg.training.output_dir, [4, 6]
+    )
+    truncate(root / "checkpoint-6" / ckpt.LORA_WEIGHTS_NAME)
+    result = run_training(cfg, load_components(), dataset)
+    assert result.resumed_from == 4
+    log = result.log_path.read_text()
+    assert (
+        "warning: checkpoint checkpoint-6 does not load (pytorch_lora_weights.safetensors does not load"
+        in log
+    )
     assert_same_lora(lora_tensors(result.checkpoint_dir), uninterrupted_run["lora"])

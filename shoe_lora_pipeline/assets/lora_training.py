@@ -1,25 +1,42 @@
-"""lora_training: the LoRA training loop with checkpoints, exact resume, validation images and a log."""
+"""lora_training: the LoRA training loop with checkpoints, exact resume, validation images and a log.
+
+Where it trains is ``training.launcher``: in this step process (``inprocess``), in a child process through
+Dagster Pipes, data-parallel over ``training.num_processes`` with ``accelerate launch`` (``accelerate``), or
+in a Kubernetes pod through dagster-k8s Pipes (``k8s``). All three run :func:`train.train_category` and
+report the same metadata (:func:`training_metadata`).
+"""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
+
+import contextlib
+import dataclasses
+import shlex
+from collections.abc import Mapping
 
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_of
-from shoe_lora_pipeline.assets._metadata import config_metadata, thumbnail_md
-from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.train_data import dataset_fingerprint
-from shoe_lora_pipeline.core.training import train_lora
+from shoe_lora_pipeline.assets._metadata import MetadataDict, config_metadata, thumbnail_md
+from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.device import DeviceInfo
+from shoe_lora_pipeline.core.gpu_slots import lease_gpus, visible_gpus
+from shoe_lora_pipeline.core.launch import TrainArgs, accelerate_command, k8s_pod, resolve_num_processes
+from shoe_lora_pipeline.core.training import TrainingResult
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
+from shoe_lora_pipeline.train import train_category
+
+GPU_POOL = "gpu"  # training, latent encoding and evaluation own the accelerator
 
 
 @dg.asset(
     group_name="training",
     deps=["training_latents"],
     kinds={"pytorch"},
-    pool="gpu",
+    pool=GPU_POOL,
     code_version="1",
     description="Trains the LoRA (peft on the UNet's to_k/to_q/to_v/to_out.0). Checkpoints every "
     "checkpointing_steps, written atomically; re-materialising resumes from the newest compatible "
-    "checkpoint mid-epoch, or skips when training is already complete.",
+    "checkpoint mid-epoch, or skips when training is already complete. training.launcher: inprocess "
+    "(this step), accelerate (a child process per GPU, Dagster Pipes) or k8s (a pod).",
 )
 def lora_training(
     context: dg.AssetExecutionContext,
@@ -28,33 +45,116 @@ def lora_training(
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
     cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
-    device_info = device.resolve(cfg)
-    context.log.info(f"device: {device_info.type} ({device_info.name}); {device_info.dtype_policy}")
-    components = base_model.load(cfg, device_info)
-    train_dir = layout.split_dir("train")
+    if note := gpu_pool_note(context.instance, cfg.automation.gpu_slots):
+        context.log.warning(note)
+    launcher = cfg.training.launcher
+    if launcher == "inprocess":
+        device_info = device.resolve(cfg)
+        context.log.info(f"device: {device_info.type} ({device_info.name}); {device_info.dtype_policy}")
+        components = base_model.load(cfg, device_info)
+        # The training log's INFO lines (where the run starts, checkpoints, validation) reach the run log
+        # live, and one progress line every log_every_steps (no tqdm in the run log: it floods the UI).
+        result = train_category(
+            cfg,
+            device_info,
+            components,
+            echo=context.log.info,
+            on_progress=lambda p: context.log.info(p["line"]),
+        )
+        return dg.MaterializeResult(metadata=training_metadata(cfg, device_info, components.identity, result))
 
-    def on_progress(p: dict) -> None:
-        # One line every log_every_steps (no tqdm in the run log: it floods the UI).
-        context.log.info(p["line"])
+    # The child trains the same category of the same config file (absolute path), with the same overrides.
+    args = TrainArgs(
+        config=str(cfg.source_path),
+        category=cfg.dataset.name,
+        overrides=tuple(pipeline_config.overrides),
+        device=device.device,
+        base_model_cache=base_model.cache_dir,
+    )
+    if launcher == "accelerate":
+        return train_with_accelerate(context, cfg, device.resolve(cfg), args, device.gpu_lock_dir)
+    return train_in_pod(context, cfg, args)
 
-    # The training log's INFO lines (where the run starts, checkpoints, validation) reach the run log live.
-    result = train_lora(
-        cfg,
-        components,
-        device_info,
-        train_dir=train_dir,
-        latents_dir=layout.latents_dir if cfg.training.cache_latents else None,
-        val_dir=layout.split_dir("val"),
-        val_latents_dir=layout.val_latents_dir,
-        output_dir=layout.training_dir,
-        dataset_fingerprint=dataset_fingerprint(train_dir),
-        on_progress=on_progress,
-        echo=context.log.info,
+
+def gpu_pool_note(instance: dg.DagsterInstance, slots: int) -> str | None:
+    """A warning when the instance's limit of the ``gpu`` pool is not ``automation.gpu_slots``. A pool's limit
+    lives in the Dagster instance (its database), not in a code location, so the config cannot set it; this
+    says which command does."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return None
+    limit = storage.get_concurrency_info(GPU_POOL).limit
+    if limit == slots:
+        return None
+    return (
+        f"the Dagster instance runs {limit if limit is not None else 'unlimited'} step(s) of the "
+        f"'{GPU_POOL}' pool at once, automation.gpu_slots is {slots}: run `dagster instance concurrency set "
+        f"{GPU_POOL} {slots}` (a pool's limit is instance state, which a code location cannot set)"
     )
 
+
+def train_with_accelerate(
+    context: dg.AssetExecutionContext,
+    cfg: PipelineConfig,
+    device_info: DeviceInfo,
+    args: TrainArgs,
+    gpu_lock_dir: str = "",
+) -> dg.MaterializeResult:
+    """The entry point in a child process (``accelerate launch`` for several), pinned to free GPUs."""
+    gpus = visible_gpus() if device_info.type == "cuda" else []
+    n = resolve_num_processes(cfg.training.num_processes, device_info.type, len(gpus))
+    command = accelerate_command(n, args)
+    env: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if device_info.type == "cuda":
+            holder = f"run {context.run.run_id[:8]} {context.asset_key.to_user_string()}"
+            lease = stack.enter_context(lease_gpus(n, gpus, gpu_lock_dir or None, holder))
+            env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices
+            context.log.info(f"GPU(s) {lease.cuda_visible_devices} for this training")
+        context.log.info(f"{n} training process(es): {shlex.join(command)}")
+        # Cancelling the run sends SIGINT to the child: every rank stops before the same step (the last
+        # complete checkpoint stays); a SIGKILL of this process ends the child too (it dies with its parent).
+        client = dg.PipesSubprocessClient(env=env)
+        return client.run(context=context, command=command).get_materialize_result()
+
+
+def train_in_pod(
+    context: dg.AssetExecutionContext, cfg: PipelineConfig, args: TrainArgs
+) -> dg.MaterializeResult:
+    """The entry point in a Kubernetes pod (``core/launch.k8s_pod``), through dagster-k8s Pipes."""
+    try:
+        from dagster_k8s import PipesK8sClient
+    except ImportError:
+        raise dg.Failure(
+            "training.launcher k8s needs dagster-k8s: pip install 'shoe_lora_pipeline[k8s]'"
+        ) from None
+    k8s = cfg.training.k8s
+    n = resolve_num_processes(cfg.training.num_processes, "cuda", 0)
+    pod = k8s_pod(cfg, dataclasses.replace(args, config=k8s.config_path or args.config), n)
+    context.log.info(
+        f"pod in namespace {pod.namespace or '(current)'}, image {pod.image}: {shlex.join(pod.command)}"
+    )
+    return (
+        PipesK8sClient()
+        .run(
+            context=context,
+            image=pod.image,
+            command=pod.command,
+            namespace=pod.namespace,
+            env=pod.env,
+            base_pod_spec=pod.base_pod_spec,
+            base_pod_meta=pod.base_pod_meta,
+        )
+        .get_materialize_result()
+    )
+
+
+def training_metadata(
+    cfg: PipelineConfig, device_info: DeviceInfo, base_model: Mapping[str, str | None], result: TrainingResult
+) -> MetadataDict:
+    """The materialisation's metadata, the same from every launcher (the Pipes child reports this too)."""
     metadata = {
-        **config_metadata(cfg, device_info, components.identity),
+        **config_metadata(cfg, device_info, base_model),
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "global_step": result.global_step,
@@ -75,6 +175,7 @@ def lora_training(
         "micro_batch_size": result.micro_batch_size,
         "accumulation_steps": result.accumulation_steps,
         "num_processes": result.num_processes,
+        "launcher": cfg.training.launcher,
         "gradient_checkpointing": result.gradient_checkpointing,
         "val_loss": result.val_loss,
         "best_val_step": result.best_val_step,
@@ -90,4 +191,4 @@ def lora_training(
         )
         metadata["validation_grid_path"] = dg.MetadataValue.path(str(result.latest_grid))
     # Dagster's metadata floats must be real numbers; drop what a skipped run could not measure.
-    return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None})
+    return {k: v for k, v in metadata.items() if v is not None}

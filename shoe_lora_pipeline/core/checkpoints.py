@@ -6,7 +6,7 @@ A checkpoint is a folder ``{output_dir}/checkpoints/checkpoint-N/`` (N = optimiz
                                       with the peft LoraConfig (r, lora_alpha, …) as safetensors metadata
     optimizer.bin                     AdamW state (accelerate)
     scheduler.bin                     LR scheduler state (accelerate)
-    random_states_0.pkl               python / numpy / torch CPU / CUDA RNG (one file per process)
+    random_states_<rank>.pkl          python / numpy / torch CPU / CUDA RNG (one file per process)
     scaler.pt                         only with fp16 mixed precision (GradScaler)
     losses.csv                        the per-step log up to N (rewritten into the run folder on resume)
     validation_loss.csv               the validation losses up to N (likewise), when measured
@@ -25,6 +25,10 @@ never a half-written ``checkpoint-N``; leftovers are removed by :func:`clean_sta
 ``checkpoint-N`` already exists, the old one is renamed aside, the new one renamed in, and only then is the
 old one deleted, so there is never a moment without a complete ``checkpoint-N`` on disk (a crash between
 the two renames is repaired by :func:`clean_stale_tmp`, which puts the old one back).
+
+Several processes (data parallel): every rank writes its RNG state into the same temporary folder (named by
+rank 0's pid), rank 0 the rest; rank 0 publishes the folder once every rank is done (:func:`save_checkpoint`).
+Only rank 0 cleans up, sets aside or moves folders (``training.decide_start``).
 """
 
 from __future__ import annotations
@@ -214,7 +218,8 @@ def register_lora_hooks(accelerator: Accelerator, unet: torch.nn.Module) -> None
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for i in reversed(range(len(models))):
             if is_ours(models[i]):
-                save_lora_weights(unet, Path(output_dir))
+                if accelerator.is_main_process:  # every rank holds the same LoRA: one writes it
+                    save_lora_weights(unet, Path(output_dir))
                 # Popping the state dict stops accelerate from writing the full UNet (GBs of frozen weights).
                 weights.pop(i)
 
@@ -248,35 +253,57 @@ def save_checkpoint(
     step: int,
     state: dict[str, Any],
     write_extra: Callable[[Path], None] | None = None,
+    tag: int | None = None,
 ) -> Path:
     """Atomically write ``root/checkpoint-{step}``; returns its path.
 
     ``accelerator.save_state`` writes LoRA (via the hooks), optimizer, scheduler, RNG and registered
     objects; ``write_extra(folder)`` adds files (losses.csv); ``training_state.json`` is written last.
+
+    With several processes every rank calls this: ``save_state`` writes each rank's RNG state and rank 0's
+    LoRA, optimizer and scheduler into the same temporary folder, named by ``tag`` (the same on every rank;
+    default this process's pid). Rank 0 alone adds the rest and publishes the folder once every rank is
+    done writing; no rank returns before it is published.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid() if tag is None else tag}"
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-        if write_extra is not None:
-            write_extra(tmp)
-        atomic_write_json(
-            tmp / STATE_NAME,
-            {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()},
-            sort_keys=True,
-            default=str,
-        )
-        _fsync_tree(tmp)
+        accelerator.wait_for_everyone()  # every rank's files are in tmp
+        if main:
+            if write_extra is not None:
+                write_extra(tmp)
+            atomic_write_json(
+                tmp / STATE_NAME,
+                {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()},
+                sort_keys=True,
+                default=str,
+            )
+            _fsync_tree(tmp)
     except BaseException:
         # Exceptions and Ctrl-C: leave no partial folder. (A SIGKILL leaves tmp; clean_stale_tmp handles it.)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    if main:
+        _publish(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; an existing ``final`` is replaced only after the new one is
+    in place, so a complete ``final`` is on disk at every moment."""
+    root = final.parent
     if final.exists():
-        old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
+        old = root / f".old-{final.name}-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
@@ -285,7 +312,6 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     fsync_dir(root)
-    return final
 
 
 def rotate_checkpoints(root: Path, keep: int, protect: Iterable[int] = ()) -> list[Path]:

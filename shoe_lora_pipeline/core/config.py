@@ -118,6 +118,36 @@ class SpeedConfig(_Strict):
     data_on_device: bool = Field(True, description="Keep the whole latent + text-embedding cache on the GPU.")
 
 
+class K8sConfig(_Strict):
+    """The pod that trains with ``training.launcher: k8s`` (dagster-k8s ``PipesK8sClient``). The pod runs the
+    same entry point on the same config file; it sees the data at the same paths through the volume."""
+
+    image: str | None = Field(None, description="Container image with this project installed (required).")
+    namespace: str | None = Field(None, description="Kubernetes namespace; default: the current one.")
+    config_path: str | None = Field(
+        None, description="The config file inside the pod; default: its path here (the same image)."
+    )
+    volume_claim: str | None = Field(
+        None, description="PersistentVolumeClaim holding dataset.output_dir and training.output_dir."
+    )
+    mount_path: Path | None = Field(
+        None, description="Where the claim is mounted; default: the common folder of the two output dirs."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="e.g. {gpu: h100}.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod tolerations, e.g. of a GPU node pool's taint."
+    )
+    service_account: str | None = Field(None, description="serviceAccountName of the pod.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables of the pod.")
+
+    @field_validator("mount_path")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError(f"mount_path must be an absolute path inside the pod, got {str(v)!r}")
+        return v
+
+
 class TrainingConfig(_Strict):
     base_model: str = Field("tiny-sd", description="'tiny-sd', a Hugging Face hub id, or a local folder.")
     revision: str | None = Field(None, description="Hub revision (commit/tag) of base_model.")
@@ -173,10 +203,54 @@ class TrainingConfig(_Strict):
     caption_dropout: float = Field(
         0.0, ge=0.0, le=1.0, description="Probability a sample trains with the empty caption."
     )
+    # Where training runs. None of these changes the maths of a step (the effective batch is global), so
+    # none is part of the training hash: switching launcher or process count keeps the checkpoints.
+    launcher: Literal["inprocess", "accelerate", "k8s"] = Field(
+        "inprocess",
+        description="inprocess: in the Dagster step; accelerate: `accelerate launch` in a child process "
+        "(Dagster Pipes); k8s: a Kubernetes pod (dagster-k8s Pipes).",
+    )
+    num_processes: int | Literal["auto"] = Field(
+        1,
+        description="Data-parallel processes (one per GPU) sharing the effective batch; 'auto' = the "
+        "visible GPUs. More than 1 needs launcher accelerate or k8s.",
+    )
+    k8s: K8sConfig = Field(default_factory=K8sConfig)
 
     @property
     def effective_batch_size(self) -> int:
         return self.train_batch_size * self.gradient_accumulation_steps
+
+    @model_validator(mode="after")
+    def _launcher_settings(self) -> TrainingConfig:
+        n = self.num_processes
+        if isinstance(n, int):
+            if n < 1:
+                raise ValueError(f"num_processes must be at least 1 or 'auto', got {n}")
+            if self.effective_batch_size % n:
+                raise ValueError(
+                    f"num_processes {n} must divide the effective batch train_batch_size × "
+                    f"gradient_accumulation_steps = {self.effective_batch_size}"
+                )
+            micro = self.micro_batch_size
+            if isinstance(micro, int) and (self.effective_batch_size // n) % micro:
+                raise ValueError(
+                    f"micro_batch_size {micro} must divide the per-process batch {self.effective_batch_size // n} "
+                    f"(effective batch {self.effective_batch_size} over num_processes {n})"
+                )
+        if self.launcher == "inprocess" and n != 1:
+            raise ValueError(
+                f"num_processes {n!r} needs training.launcher accelerate or k8s (inprocess trains in one process)"
+            )
+        if self.launcher == "k8s":
+            missing = [f"training.k8s.{k}" for k in ("image", "volume_claim") if not getattr(self.k8s, k)]
+            if missing:
+                raise ValueError(f"training.launcher k8s needs {' and '.join(missing)}")
+            if n == "auto":
+                raise ValueError(
+                    "training.launcher k8s needs a number for num_processes (the pod's GPU count)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _micro_batch_divides(self) -> TrainingConfig:
@@ -312,6 +386,12 @@ class AutomationConfig(_Strict):
     retrain_cron: str = Field("0 3 * * 1", description="When retrain_job runs (default: Mondays 03:00).")
     timezone: str = Field("UTC", description="IANA timezone of retrain_cron, e.g. Europe/Berlin.")
     sensor_interval_seconds: int = Field(60, ge=10, description="How often the new-photo sensor looks.")
+    gpu_slots: int = Field(
+        1,
+        ge=1,
+        description="GPU steps that run at once (the Dagster `gpu` pool's limit, set on the instance: "
+        "`dagster instance concurrency set gpu N`); each training child gets its own GPU(s).",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -418,6 +498,10 @@ class PipelineConfig(_Strict):
             "train_batch_size",
             "gradient_accumulation_steps",
             "speed",
+            # Where and on how many processes: the effective batch, hashed below, is global.
+            "launcher",
+            "num_processes",
+            "k8s",
         }
         payload = self.training.model_dump(mode="json", exclude=cadence)
         payload["effective_batch_size"] = self.training.effective_batch_size

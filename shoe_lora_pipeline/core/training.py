@@ -23,6 +23,11 @@ Determinism: each sample's image and random draws are functions of (seed, step, 
 number alone is the data stream's state. Checkpoints hold LoRA weights, optimizer, LR schedule and the
 global RNGs; a resumed run reproduces the uninterrupted run bit for bit for a fixed micro-batch on the
 same machine (CPU; CUDA with ``training.deterministic: true``). Validation never touches this state.
+
+Several processes (``accelerate launch``, ``core/distributed.py``): each runs this loop on its share of every
+step; rank 0 alone decides where the run starts and writes the run folder (checkpoints with every rank's
+part, losses.csv, validation, log, summary); all ranks meet at the same collectives, so a non-finite loss or
+a SIGINT on one stops them all at the same point.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import torch.nn.functional as F
 from shoe_lora_pipeline.core import checkpoints as ckpt
 from shoe_lora_pipeline.core import run_artifacts as files
 from shoe_lora_pipeline.core import train_speed as speed
+from shoe_lora_pipeline.core.distributed import Ranks, on_main
 from shoe_lora_pipeline.core.fsutil import atomic_write_json
 from shoe_lora_pipeline.core.latents import has_images, move_module
 from shoe_lora_pipeline.core.models import count_parameters, lora_config
@@ -622,6 +628,30 @@ def checkpoint_state(
 # ----------------------------------------------------------------------------------------------
 
 
+def optimizer_step(run: Run, accelerator: Accelerator, tcfg: TrainingConfig, step: int) -> PendingStep:
+    """Optimizer step ``step`` (0-based) of this process: its micro-batches forward and backward (the
+    gradients all-reduced across processes once, with the last one), clip, step, schedule."""
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step will use
+    batches = run.plan.micro_batches(step)
+    micro_losses = []
+    for i, batch in enumerate(batches):
+        with accelerator.no_sync(run.unet) if i < len(batches) - 1 else contextlib.nullcontext():
+            per_sample = diffusion_loss(
+                run.unet, run.noise_scheduler, batch, run.source, run.empty_text, run.scaling_factor,
+                run.weight_dtype, tcfg.snr_gamma, run.channels_last,
+            )  # fmt: skip
+            loss = per_sample.sum() / run.plan.local_batch  # this micro-batch's share of the step mean
+            accelerator.backward(loss)
+        micro_losses.append(loss.detach())  # stays on the device: no host sync per micro-step
+    # Clip the LoRA gradients (a list, not a spent iterator); the returned norm is the pre-clip one.
+    grad_norm = accelerator.clip_grad_norm_(run.lora_params, tcfg.gradient_clipping)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    epoch = ((step + 1) * tcfg.effective_batch_size - 1) // len(run.source) + 1  # of its last sample
+    return PendingStep(step + 1, epoch, lr, torch.stack(micro_losses), grad_norm, batches)
+
+
 @dataclass
 class PendingStep:
     """An optimizer step whose numbers are still on the device (read at the next logging point)."""
@@ -635,16 +665,26 @@ class PendingStep:
 
 
 def settle(
-    pending: list[PendingStep], clock: files.StepClock, source: Source, newest: Callable[[], str]
+    pending: list[PendingStep],
+    clock: files.StepClock,
+    source: Source,
+    newest: Callable[[], str],
+    ranks: Ranks | None = None,
 ) -> list[dict[str, Any]]:
     """One host synchronisation for the pending steps: their losses.csv rows. A non-finite loss raises,
-    naming the first bad step, micro-batch and images (before any checkpoint of it can be written)."""
+    naming the first bad step, micro-batch and images (before any checkpoint of it can be written).
+
+    With several processes a step's loss is the mean of the processes' shares (each the mean of its part of
+    the effective batch); every rank gathers them first, so a non-finite loss on one raises on all of them
+    at the same point (the one that holds it names its images) and none waits for a missing peer."""
     seconds = clock.settle(len(pending))
     numbers = torch.stack(
         [torch.cat([p.micro_losses, p.grad_norm.reshape(1).float()]) for p in pending]
     ).cpu()
+    ranks = ranks or Ranks()
+    shares = ranks.gather(numbers[:, :-1].double().sum(dim=1)) if ranks.distributed else None
     rows = []
-    for p, values in zip(pending, numbers.tolist(), strict=True):
+    for k, (p, values) in enumerate(zip(pending, numbers.tolist(), strict=True)):
         *micro, grad_norm = values
         for m, value in enumerate(micro):
             if not math.isfinite(value):
@@ -653,11 +693,18 @@ def settle(
                     f"(epoch {p.epoch}), images {[source.image_files[i] for i in p.batches[m].items]}; no checkpoint "
                     f"written, newest good checkpoint: {newest()}"
                 )
+        loss = sum(micro) if shares is None else shares[:, k].sum().item() / ranks.world_size
+        if not math.isfinite(loss):
+            bad = [r for r in range(ranks.world_size) if not math.isfinite(shares[r, k].item())]
+            raise TrainingError(
+                f"non-finite loss at optimizer step {p.step} on process {bad[0]} (its log names the images); "
+                f"no checkpoint written, newest good checkpoint: {newest()}"
+            )
         rows.append(
             {
                 "step": p.step,
                 "epoch": p.epoch,
-                "loss": sum(micro),
+                "loss": loss,
                 "lr": p.lr,
                 "grad_norm": grad_norm,
                 "seconds": seconds,
@@ -675,8 +722,10 @@ def save_and_rotate(
     rows: dict[str, list[dict[str, Any]]],
     keep: int,
     protect: list[int],
+    tag: int | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Write checkpoint-``step`` atomically with its losses.csv/validation_loss.csv, then rotate."""
+    """Write checkpoint-``step`` atomically with its losses.csv/validation_loss.csv, then rotate (rank 0;
+    every rank takes part in the save, ``tag`` names its temporary folder: ``checkpoints.save_checkpoint``)."""
 
     def write_logs(folder: Path) -> None:
         files.write_losses_csv(folder / files.LOSSES_NAME, rows["losses"])
@@ -685,7 +734,9 @@ def save_and_rotate(
                 folder / files.VALIDATION_LOSS_NAME, rows["validation"], list(rows["validation"][0])
             )
 
-    path = ckpt.save_checkpoint(accelerator, root, step, state, write_extra=write_logs)
+    path = ckpt.save_checkpoint(accelerator, root, step, state, write_extra=write_logs, tag=tag)
+    if not accelerator.is_main_process:
+        return path, []
     return path, ckpt.rotate_checkpoints(root, keep, protect=protect)
 
 
@@ -727,7 +778,8 @@ def record_steps(
     """Settled steps → losses.csv, TensorBoard, one DEBUG progress line each; returns the throughput of
     this logging window (images/s, TFLOP/s, MFU)."""
     history.add(rows)
-    files.append_rows_csv(output_dir / files.LOSSES_NAME, rows, files.LOSSES_COLUMNS)
+    if accelerator.is_main_process:
+        files.append_rows_csv(output_dir / files.LOSSES_NAME, rows, files.LOSSES_COLUMNS)
     seconds = rows[-1]["seconds"]
     rate = speed.mfu(
         tcfg.effective_batch_size / seconds if seconds > 0 else 0.0,
@@ -812,24 +864,31 @@ def train_lora(
     on_validation: Callable[[dict[str, Any]], None] | None = None,
     echo: Callable[[str], None] | None = None,
     max_steps_this_run: int | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainingResult:
     """Train (or resume, or skip) the LoRA of ``cfg.training`` on ``train_dir`` (latent cache ``latents_dir``;
     held-out ``val_dir``/``val_latents_dir`` for the validation loss). ``components`` are taken over (the UNet
     gets the adapter). ``echo`` gets the log's INFO lines live; ``max_steps_this_run`` stops early without an
-    extra checkpoint. A non-finite loss raises TrainingError before any checkpoint of it is written."""
+    extra checkpoint. A non-finite loss raises TrainingError before any checkpoint of it is written.
+
+    ``ranks``: this process's place among the launcher's processes (default: the only one). Every rank runs
+    this function; rank 0 alone decides where the run starts, writes the files of the run folder and calls
+    the callbacks; the others log to ``logs/rank<N>_training_log.txt``."""
     call_start = time.perf_counter()
     tcfg, output_dir = cfg.training, Path(output_dir)
     ckpt_root = output_dir / "checkpoints"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = files.RunLog(output_dir / files.LOG_NAME, echo)
+    ranks = ranks or Ranks()
+    main = ranks.is_main
+    log = files.RunLog(output_dir / files.LOG_NAME, echo) if main else rank_log(output_dir, ranks.rank)
+    log.path.parent.mkdir(parents=True, exist_ok=True)
     log.write(
         f"===== {datetime.now().isoformat(timespec='seconds')} train_lora start (pid {os.getpid()}) ====="
     )
 
     # ---- 1. where do we start: resume, skip or fresh (said in the log before anything is loaded) ----
-    start, current = decide_start(cfg, components, dataset_fingerprint, ckpt_root, log)
+    start, current = decide_start(cfg, components, dataset_fingerprint, ckpt_root, log, ranks)
     if start.complete:
-        return skipped_result(cfg, output_dir, start, device_info, call_start)
+        return skipped_result(cfg, output_dir, start, device_info, call_start, write=main)
 
     accelerator = make_accelerator(cfg, device_info, output_dir)
     try:
@@ -837,41 +896,25 @@ def train_lora(
         dirs = {"train_dir": Path(train_dir), "latents_dir": latents_dir}
         dirs |= {"val_dir": val_dir, "val_latents_dir": val_latents_dir}
         run = prepare_run(cfg, components, accelerator, dirs, log, device_info.name)
-        unet, optimizer, lr_scheduler, plan = run.unet, run.optimizer, run.lr_scheduler, run.plan
         global_step, history = restore(accelerator, start.resume_from, run, output_dir, log)
+        ckpt_tag = ranks.broadcast(os.getpid())  # names the temporary checkpoint folder on every rank
         log.write("***** Running training *****")
         for line in run_header(cfg, run, accelerator.device, device_info):
             log.write("  " + line)
 
         # ---- 3. the loop ------------------------------------------------------------------------
-        unet.train()
+        run.unet.train()
         clock, pending, steps_this_run, latest_grid = files.StepClock(), [], 0, None
         while global_step < tcfg.max_train_steps:
             if max_steps_this_run is not None and steps_this_run >= max_steps_this_run:
                 log.write(f"stopping after {steps_this_run} steps in this call (max_steps_this_run)")
                 break
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step will use
-            batches = plan.micro_batches(global_step)
-            micro_losses = []
-            for i, batch in enumerate(batches):
-                # Gradients are all-reduced across processes once per step, with the last micro-batch.
-                with accelerator.no_sync(unet) if i < len(batches) - 1 else contextlib.nullcontext():
-                    per_sample = diffusion_loss(
-                        unet, run.noise_scheduler, batch, run.source, run.empty_text, run.scaling_factor,
-                        run.weight_dtype, tcfg.snr_gamma, run.channels_last,
-                    )  # fmt: skip
-                    loss = per_sample.sum() / plan.local_batch  # this micro-batch's share of the step mean
-                    accelerator.backward(loss)
-                micro_losses.append(loss.detach())  # stays on the device: no host sync per micro-step
-            # Clip the LoRA gradients (a list, not a spent iterator); the returned norm is the pre-clip one.
-            grad_norm = accelerator.clip_grad_norm_(run.lora_params, tcfg.gradient_clipping)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if ranks.stop_requested():  # SIGINT on any process: all stop before the same step
+                raise KeyboardInterrupt(f"SIGINT: every process stops before step {global_step + 1}")
+            pending.append(optimizer_step(run, accelerator, tcfg, global_step))
             global_step += 1
             steps_this_run += 1
-            epoch = (global_step * tcfg.effective_batch_size - 1) // len(run.source) + 1  # of its last sample
-            pending.append(PendingStep(global_step, epoch, lr, torch.stack(micro_losses), grad_norm, batches))
+            epoch = pending[-1].epoch
 
             is_last = global_step == tcfg.max_train_steps
             stopping = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
@@ -881,11 +924,11 @@ def train_lora(
             if not (due_log or due_validation or due_checkpoint or stopping):
                 continue
             # ---- 4. a logging point: one host sync (non-finite check), then log / validate / save ------
-            rows = settle(pending, clock, run.source, lambda: _newest_name(ckpt_root))
+            rows = settle(pending, clock, run.source, lambda: _newest_name(ckpt_root), ranks)
             rate = record_steps(rows, history, run, tcfg, accelerator, log, clock, output_dir)
-            if on_progress is not None and due_log:
+            if on_progress is not None and due_log and main:
                 on_progress(progress_report(rows[-1], history, clock, rate, tcfg.max_train_steps))
-            if due_validation:
+            if due_validation and main:  # the others go on to the next step's all-reduce and wait there
                 shown = validate(
                     run, cfg, accelerator, components, history, global_step, epoch, output_dir, log
                 )
@@ -898,14 +941,14 @@ def train_lora(
                 saved, removed = save_and_rotate(
                     accelerator, ckpt_root, global_step, state,
                     {"losses": history.losses, "validation": history.validation},
-                    tcfg.checkpoints_total_limit, protect,
+                    tcfg.checkpoints_total_limit, protect, ckpt_tag,
                 )  # fmt: skip
                 log.write(f"saved {saved.name}" + "".join(f"; removed {p.name}" for p in removed))
             clock.resume()  # checkpoint and validation time is not training time
 
         # ---- 5. wrap up ---------------------------------------------------------------------------
         return build_result(
-            cfg, run, history, clock, start, output_dir, call_start, steps_this_run, latest_grid, log
+            cfg, run, history, clock, start, output_dir, call_start, steps_this_run, latest_grid, log, main
         )
     except BaseException as exc:
         # KeyboardInterrupt (Dagster termination) included: record it, then let it propagate unchanged.
@@ -929,21 +972,26 @@ def decide_start(
     dataset_fingerprint: str,
     ckpt_root: Path,
     log: files.RunLog,
+    ranks: Ranks | None = None,
 ) -> tuple[ckpt.StartDecision, dict[str, Any]]:
     """Resume, skip or fresh start (``checkpoints.decide_start``) for this config, dataset and base model;
-    says so in the log at once. Returns the decision and what every checkpoint of this run records."""
+    says so in the log at once. Returns the decision and what every checkpoint of this run records.
+    Rank 0 decides (it may clean up, set aside or move folders); the other ranks get its decision."""
     current = {
         "training_hash": cfg.training_hash(),
         "training_config": recorded_training_config(cfg),
         "dataset_fingerprint": dataset_fingerprint,
         "base_model": components.identity,
     }
-    start = ckpt.decide_start(
-        ckpt_root,
-        current,
-        max_train_steps=cfg.training.max_train_steps,
-        explain=lambda old: hash_relevant_differences(cfg, old),
-        superseded_outputs=[ckpt_root.parent / name for name in files.RUN_OUTPUTS],
+    start = on_main(
+        ranks or Ranks(),
+        lambda: ckpt.decide_start(
+            ckpt_root,
+            current,
+            max_train_steps=cfg.training.max_train_steps,
+            explain=lambda old: hash_relevant_differences(cfg, old),
+            superseded_outputs=[ckpt_root.parent / name for name in files.RUN_OUTPUTS],
+        ),
     )
     for line in [*start.log_lines, start.note]:
         log.write(line, logging.WARNING if line.startswith("warning") or start.superseded else logging.INFO)
@@ -960,6 +1008,7 @@ def restore(
     """Load the checkpoint's state (LoRA, optimizer, schedule, RNGs) and its logs; rewrite the run folder's
     losses.csv/validation_loss.csv from them (which drops the rows of an interrupted tail)."""
     losses_csv, val_csv = output_dir / files.LOSSES_NAME, output_dir / files.VALIDATION_LOSS_NAME
+    main = accelerator.is_main_process
     if resume is None:
         history = History([], [])
     else:
@@ -976,11 +1025,12 @@ def restore(
                     "uninterrupted run)",
                     logging.WARNING,
                 )
-    files.write_losses_csv(losses_csv, history.losses)
-    if history.validation:
-        files.write_rows_csv(val_csv, history.validation, list(history.validation[0]))
-    else:
-        val_csv.unlink(missing_ok=True)
+    if main:
+        files.write_losses_csv(losses_csv, history.losses)
+        if history.validation:
+            files.write_rows_csv(val_csv, history.validation, list(history.validation[0]))
+        else:
+            val_csv.unlink(missing_ok=True)
     return (resume.step if resume else 0), history
 
 
@@ -1003,6 +1053,11 @@ def progress_report(
     }
 
 
+def rank_log(output_dir: Path, rank: int) -> files.RunLog:
+    """The log of a rank other than 0 (rank 0 writes training_log_full.txt)."""
+    return files.RunLog(Path(output_dir) / "logs" / f"rank{rank}_training_log.txt")
+
+
 def _newest_name(root: Path) -> str:
     newest = ckpt.newest_checkpoint(root)
     return newest.path.name if newest else "none"
@@ -1019,8 +1074,9 @@ def build_result(
     steps_this_run: int,
     latest_grid: Path | None,
     log: files.RunLog,
+    write: bool = True,
 ) -> TrainingResult:
-    """The run's result (and training_summary.json, the loss curve) after the loop ends."""
+    """The run's result (and, when ``write``, training_summary.json and the loss curve) after the loop."""
     tcfg = cfg.training
     seconds_per_step, images_per_second = clock.throughput(tcfg.effective_batch_size)
     overall = (
@@ -1048,7 +1104,9 @@ def build_result(
         log_path=output_dir / files.LOG_NAME,
         loss_curve_png=files.plot_loss_curve(
             losses, output_dir / files.LOSS_CURVE_NAME, validation=history.validation
-        ),
+        )
+        if write
+        else None,
         latest_grid=latest_grid or files.latest_grid(output_dir),
         losses=losses,
         resume_note=start.note,
@@ -1069,7 +1127,8 @@ def build_result(
         best_val_step=history.best_val_step,
         validation_losses=history.validation,
     )
-    atomic_write_json(output_dir / files.SUMMARY_NAME, result.summary(), default=str)
+    if write:
+        atomic_write_json(output_dir / files.SUMMARY_NAME, result.summary(), default=str)
     log.write(
         f"done: step {result.global_step}/{tcfg.max_train_steps}, loss {result.final_loss}, "
         f"{result.seconds_per_step or 0:.2f} s/step, peak memory {result.peak_memory_mb or 0:.0f} MB"
@@ -1083,17 +1142,19 @@ def skipped_result(
     start: ckpt.StartDecision,
     device_info: DeviceInfo,
     call_start: float,
+    write: bool = True,
 ) -> TrainingResult:
-    """The run is already complete: report it from disk (summary, losses), re-creating what is missing."""
+    """The run is already complete: report it from disk (summary, losses), re-creating what is missing
+    (when ``write``: rank 0)."""
     newest = start.resume_from
     assert newest is not None
     losses = files.read_losses_csv(newest.path / files.LOSSES_NAME)
     validation = files.read_validation_losses(newest.path / files.VALIDATION_LOSS_NAME)
     losses_csv = output_dir / files.LOSSES_NAME
-    if not losses_csv.is_file():
+    if write and not losses_csv.is_file():
         files.write_losses_csv(losses_csv, losses)
     curve = output_dir / files.LOSS_CURVE_NAME
-    if not curve.is_file():
+    if write and not curve.is_file():
         files.plot_loss_curve(losses, curve, validation=validation)
     summary_path = output_dir / files.SUMMARY_NAME
     try:
@@ -1141,6 +1202,6 @@ def skipped_result(
         validation_losses=validation,
         **carried,
     )
-    if not summary_path.is_file():
+    if write and not summary_path.is_file():
         atomic_write_json(summary_path, result.summary(), default=str)
     return result
