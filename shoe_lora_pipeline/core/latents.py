@@ -42,7 +42,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from safetensors.torch import save_file
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.fsutil import atomic_write_file, atomic_write_text, fsync_dir
 from shoe_lora_pipeline.core.manifest import file_sha256
+
+if TYPE_CHECKING:
+    from shoe_lora_pipeline.core.models import SDComponents
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -216,7 +219,7 @@ def has_images(split_dir: Path) -> bool:
 
 
 def cache_latents(
-    components: Any,
+    components: SDComponents,
     train_dir: Path,
     cache_dir: Path,
     resolution: int,

@@ -56,6 +56,7 @@ from shoe_lora_pipeline.core.run_artifacts import (
 
 if TYPE_CHECKING:
     import torch
+    from peft import LoraConfig
 
     from shoe_lora_pipeline.core.config import PipelineConfig
 
@@ -391,7 +392,7 @@ def _rewrite_safetensors_metadata(path: Path, extra: Mapping[str, str]) -> None:
     save_file(tensors, str(path), metadata={**existing, **extra})
 
 
-def _peft_lora_config(meta: Mapping[str, Any], base_model: str | None, revision: str | None) -> Any:
+def _peft_lora_config(meta: Mapping[str, Any], base_model: str | None, revision: str | None) -> LoraConfig:
     from shoe_lora_pipeline.core.models import lora_config
 
     cfg = lora_config(meta["rank"], meta["alpha"], meta["dropout"], list(meta["target_modules"]))
@@ -401,7 +402,7 @@ def _peft_lora_config(meta: Mapping[str, Any], base_model: str | None, revision:
 
 
 def _save_peft_adapter(
-    peft_sd: Mapping[str, torch.Tensor], lora_cfg: Any, unet_config_dir: Path, out_dir: Path
+    peft_sd: Mapping[str, torch.Tensor], lora_cfg: LoraConfig, unet_config_dir: Path, out_dir: Path
 ) -> None:
     """adapter_config.json + adapter_model.safetensors, written by ``PeftModel.save_pretrained``."""
     import torch

@@ -17,9 +17,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 TINY_SD = "tiny-sd"
 # Bump when the tiny model's architecture or init changes: it is part of the cache folder name and of
@@ -128,15 +134,15 @@ class BaseModelError(RuntimeError):
 class SDComponents:
     """The parts of a Stable Diffusion 1.x model the pipeline uses."""
 
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    scheduler: Any  # inference scheduler as shipped with the model
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: SchedulerMixin  # inference scheduler as shipped with the model
     identity: dict[str, Any]  # base model id, revision/hash, where it was loaded from
 
     @property
-    def noise_scheduler(self) -> Any:
+    def noise_scheduler(self) -> DDPMScheduler:
         """DDPM scheduler for training, with the model's own betas and prediction type."""
         from diffusers import DDPMScheduler
 
@@ -347,7 +353,7 @@ def load_base_model(
 
 def lora_config(
     rank: int, alpha: float, dropout: float, target_modules: list[str], init_lora_weights: bool | str = True
-) -> Any:
+) -> LoraConfig:
     """The peft LoraConfig used for training (and to rebuild the adapter when loading)."""
     from peft import LoraConfig
 

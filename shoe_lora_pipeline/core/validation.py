@@ -21,12 +21,15 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from shoe_lora_pipeline.core.latents import encode_captions
+
+if TYPE_CHECKING:
+    from shoe_lora_pipeline.core.models import SDComponents
 
 MAX_GRID_CELL = 256  # px; keeps a 4×4 grid of 512px images around 1 MB
 
@@ -87,7 +90,9 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
         torch.mps.set_rng_state(mps_state)
 
 
-def encode_validation_prompts(components: Any, prompts: list[str], device: torch.device) -> ValidationPrompts:
+def encode_validation_prompts(
+    components: SDComponents, prompts: list[str], device: torch.device
+) -> ValidationPrompts:
     """CLIP embeddings of the prompts and of "" (the unconditional input), computed once."""
     with on_device(components.text_encoder, device):
         emb = encode_captions(components.tokenizer, components.text_encoder, list(prompts) + [""]).cpu()
@@ -146,7 +151,7 @@ def make_grid(rows: list[list[Image.Image]], labels: list[str], title: str) -> I
 
 def run_validation(
     unet: torch.nn.Module,
-    components: Any,
+    components: SDComponents,
     prompts: ValidationPrompts,
     *,
     out_dir: Path,

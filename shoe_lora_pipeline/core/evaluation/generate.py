@@ -13,11 +13,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 MAX_IMAGES_PER_PROMPT = 1000  # image_seed packs the image index below this
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def image_filename(prompt_index: int, image_index: int) -> str:
 
 
 def generate_images(
-    pipe: Any,
+    pipe: StableDiffusionPipeline,
     prompts: Sequence[str],
     images_per_prompt: int,
     seed: int,

@@ -30,6 +30,7 @@ from shoe_lora_pipeline.core.lora_io import (
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
 SEED_SPACE = 2**32  # A1111 and most tools show 32-bit seeds
@@ -143,7 +144,7 @@ def render_dtype(device_type: str, precision: str) -> torch.dtype:
     )
 
 
-def set_sampler(pipe: Any, sampler: str) -> str:
+def set_sampler(pipe: StableDiffusionPipeline, sampler: str) -> str:
     """Swap the pipeline's scheduler for ``sampler`` (same betas); returns the A1111 sampler name."""
     import diffusers
 
@@ -179,7 +180,9 @@ def load_render_pipeline(
     return pipe
 
 
-def optimise_pipeline(pipe: Any, device: torch.device, *, compile_unet: bool = False) -> list[str]:
+def optimise_pipeline(
+    pipe: StableDiffusionPipeline, device: torch.device, *, compile_unet: bool = False
+) -> list[str]:
     """Apply the inference levers that pay on ``device``; returns their names (for the run log).
 
     SDPA attention is diffusers' default with torch 2 already. On CUDA: channels_last (NHWC is what the
@@ -202,7 +205,7 @@ def optimise_pipeline(pipe: Any, device: torch.device, *, compile_unet: bool = F
     return levers
 
 
-def compile_pipeline_unet(pipe: Any) -> str:
+def compile_pipeline_unet(pipe: StableDiffusionPipeline) -> str:
     """``torch.compile`` the UNet (default inductor mode; the first call at each batch size compiles)."""
     import torch
 
@@ -222,7 +225,7 @@ class BatchStats:
 
 
 def render_batches(
-    pipe: Any,
+    pipe: StableDiffusionPipeline,
     jobs: Sequence[RenderJob],
     *,
     steps: int,
