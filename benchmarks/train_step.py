@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# A "--before" child imports the package from another checkout (the code before a change) instead.
+sys.path.insert(0, os.environ.get("SHOE_LORA_TREE") or str(REPO))
 
 
 def make_dataset(root: Path, n: int, resolution: int) -> Path:
@@ -198,7 +199,7 @@ def child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(reference_child(args)), flush=True)
         return
     work = Path(args.work)
-    cached = args.child == "cached"
+    cached = args.child in ("cached", "before")
     device_info = choose_device(args.device, args.mixed_precision)
     components = load_base_model("tiny-sd", cache_dir=work / "model", dtype=device_info.weight_dtype)
     cfg = make_cfg(args, work / f"run-{args.child}", cached)
@@ -229,13 +230,17 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(variant: str, args: argparse.Namespace, work: Path) -> dict:
-    """One variant in a fresh process (its own peak memory); returns its RESULT line."""
+    """One variant in a fresh process (its own peak memory); returns its RESULT line. The ``before``
+    variant runs the cached path with the package of another checkout (``--before DIR``)."""
     cmd = [sys.executable, __file__, "--child", variant, "--work", str(work)]
     for flag in ("device", "mixed_precision", "resolution", "batch", "accum", "warmup", "steps", "threads"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if variant == "before":
+        env["SHOE_LORA_TREE"] = str(args.before.resolve())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
@@ -273,6 +278,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="rounds of all variants; ratios are per round")
+    p.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a checkout of the code before a change: adds its cached step",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model-cache", type=Path, default=None, help="folder holding (or to build) tiny-sd")
@@ -314,6 +325,8 @@ def main() -> None:
         # Rounds of reference → cached → uncached: on a shared machine the load drifts, so each round's
         # ratio compares runs minutes apart, and the median over rounds is the number reported.
         runs: dict[str, list[dict]] = {"reference": [], "cached": [], "uncached": []}
+        if args.before:
+            runs["before"] = []  # cached latents, with the package of the --before checkout
         for _ in range(args.rounds):
             for variant in runs:
                 runs[variant].append(run_child(variant, args, work))
