@@ -212,6 +212,37 @@ def _shard_number(name: str) -> int | None:
     return None
 
 
+def _encode_shard(
+    components: SDComponents, items: list[dict[str, Any]], path: Path, resolution: int, batch_size: int
+) -> tuple[dict[str, dict[str, Any]], tuple[list[int], list[int]]]:
+    """Encode ``items`` (VAE mean/std, CLIP embedding) into one safetensors shard at ``path``, written
+    atomically; returns their index entries and the (latent, embedding) shapes."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: tuple[list[int], list[int]] = ([], [])
+    for b in range(0, len(items), batch_size):
+        batch = items[b : b + batch_size]
+        pixels = torch.stack([load_image_tensor(it["path"], resolution) for it in batch])
+        mean, std = encode_images(components.vae, pixels)
+        text = encode_captions(components.tokenizer, components.text_encoder, [it["caption"] for it in batch])
+        for i, it in enumerate(batch):
+            tensors[f"{it['key']}/mean"] = mean[i].cpu().contiguous()
+            tensors[f"{it['key']}/std"] = std[i].cpu().contiguous()
+            tensors[f"{it['key']}/text"] = text[i].cpu().contiguous()
+        shapes = (list(mean.shape[1:]), list(text.shape[1:]))
+    meta = {"format": "pt", "version": str(INDEX_VERSION)}
+    atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    entries = {
+        it["key"]: {
+            "shard": path.name,
+            "image_file": it["image_file"],
+            "caption": it["caption"],
+            "image_sha256": it["sha256"],
+        }
+        for it in items
+    }
+    return entries, shapes
+
+
 def has_images(split_dir: Path) -> bool:
     """Whether a split folder lists at least one image in its captions.json."""
     path = Path(split_dir) / "captions.json"
@@ -266,35 +297,17 @@ def cache_latents(
             move_module(module, device, dtype)
         try:
             for shard_start in range(0, len(todo), SHARD_SIZE):
-                shard_items = todo[shard_start : shard_start + SHARD_SIZE]
                 shard_name = f"{SHARD_PREFIX}{next_shard:05d}{SHARD_SUFFIX}"
                 next_shard += 1
-                tensors: dict[str, torch.Tensor] = {}
-                for b in range(0, len(shard_items), batch_size):
-                    batch = shard_items[b : b + batch_size]
-                    pixels = torch.stack([load_image_tensor(it["path"], resolution) for it in batch])
-                    mean, std = encode_images(vae, pixels)
-                    text = encode_captions(
-                        components.tokenizer, text_encoder, [it["caption"] for it in batch]
-                    )
-                    for i, it in enumerate(batch):
-                        tensors[f"{it['key']}/mean"] = mean[i].cpu()
-                        tensors[f"{it['key']}/std"] = std[i].cpu()
-                        tensors[f"{it['key']}/text"] = text[i].cpu()
-                    latent_shape, embedding_shape = list(mean.shape[1:]), list(text.shape[1:])
-                contiguous = {k: v.contiguous() for k, v in tensors.items()}
-                meta = {"format": "pt", "version": str(INDEX_VERSION)}
-                atomic_write_file(
+                entries, shapes = _encode_shard(
+                    components,
+                    todo[shard_start : shard_start + SHARD_SIZE],
                     cache_dir / shard_name,
-                    lambda tmp, t=contiguous, m=meta: save_file(t, str(tmp), metadata=m),
+                    resolution,
+                    batch_size,
                 )
-                for it in shard_items:
-                    new_entries[it["key"]] = {
-                        "shard": shard_name,
-                        "image_file": it["image_file"],
-                        "caption": it["caption"],
-                        "image_sha256": it["sha256"],
-                    }
+                new_entries.update(entries)
+                latent_shape, embedding_shape = shapes
         finally:
             for module, home_device, home_dtype in homes:
                 move_module(module, home_device, home_dtype)

@@ -538,6 +538,90 @@ def _merge_provenance(provenance: Mapping[str, Any], meta: Mapping[str, Any]) ->
     return prov, warnings
 
 
+def _base_model_folder(given: Path | None, meta: Mapping[str, Any], checkpoint_dir: Path) -> Path:
+    """The base model's diffusers folder: as given, else the path the checkpoint recorded."""
+    if given is None:
+        recorded = (meta.get("base_model") or {}).get("path")
+        given = Path(recorded) if recorded else None
+    if given is None or not (Path(given) / "unet" / "config.json").is_file():
+        raise LoraExportError(
+            f"base model folder {given} (from {checkpoint_dir / TRAINING_STATE_NAME}) has no "
+            "unet/config.json: pass base_model_dir= the diffusers folder of the base model"
+        )
+    return Path(given)
+
+
+def _losses_at_checkpoint(
+    facts: TrainingFacts, meta: Mapping[str, Any], checkpoint_dir: Path, training_output_dir: Path
+) -> None:
+    """The training loss (recorded, else losses.csv at the step) and the validation loss at the step."""
+    step = meta["global_step"]
+    if facts.final_loss is None:
+        facts.final_loss = meta["loss"]
+    for losses_csv in (checkpoint_dir / "losses.csv", training_output_dir / "losses.csv"):
+        if facts.final_loss is None:
+            facts.final_loss = loss_at_step(losses_csv, step)
+    measured = [r for r in read_validation_losses(checkpoint_dir / VALIDATION_LOSS_NAME) if r["step"] == step]
+    facts.val_loss = measured[-1]["val_loss"] if measured else facts.val_loss
+
+
+def _write_kohya_file(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    ss: dict[str, str],
+    overrides: Mapping[str, str] | None,
+    ours: Mapping[str, str],
+) -> tuple[str, str]:
+    """The kohya/A1111 file with its ``ss_*`` metadata (caller overrides checked), kohya's two hashes and
+    our provenance keys; returns (sshs_model_hash, sshs_legacy_hash)."""
+    from safetensors.torch import save_file
+
+    for k, v in (overrides or {}).items():
+        if not isinstance(v, str):
+            raise LoraExportError(f"kohya metadata {k!r} must be a string, got {type(v).__name__}")
+        if k in ("ss_network_dim", "ss_network_alpha") and v != ss[k]:
+            # These must describe the tensors; a different value would mislead every client.
+            raise LoraExportError(f"kohya metadata {k} = {v!r} contradicts the checkpoint ({ss[k]!r})")
+        ss[k] = v
+    model_hash, legacy_hash = kohya_model_hashes(dict(tensors), ss)
+    header = {**ss, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash, **ours}
+    save_file(dict(tensors), str(path), metadata=header)
+    return model_hash, legacy_hash
+
+
+def _card_info(
+    meta: Mapping[str, Any],
+    facts: TrainingFacts,
+    dataset_name: str,
+    base_model: str,
+    base_revision: str | None,
+    step: int,
+    prov: dict[str, Any],
+) -> ModelCardInfo:
+    return ModelCardInfo(
+        dataset_name=dataset_name,
+        base_model=base_model,
+        base_model_revision=base_revision,
+        rank=meta["rank"],
+        alpha=meta["alpha"],
+        dropout=meta["dropout"],
+        target_modules=list(meta["target_modules"]),
+        steps=step,
+        learning_rate=facts.learning_rate,
+        lr_scheduler=facts.lr_scheduler,
+        train_batch_size=facts.train_batch_size,
+        gradient_accumulation_steps=facts.gradient_accumulation_steps,
+        resolution=facts.resolution,
+        final_loss=facts.final_loss,
+        val_loss=facts.val_loss,
+        objective={k: getattr(facts, k) for k in OBJECTIVE_KEYS},
+        num_train_images=facts.num_train_images,
+        instance_prompt=facts.caption_template,
+        widget_prompts=list(facts.validation_prompts),
+        provenance=prov,
+    )
+
+
 def export_lora(
     checkpoint_dir: Path,
     out_dir: Path,
@@ -558,7 +642,6 @@ def export_lora(
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors.torch import save_file
 
     checkpoint_dir = Path(checkpoint_dir)
     peft_sd, meta = load_checkpoint_lora(checkpoint_dir)
@@ -569,22 +652,9 @@ def export_lora(
     step = meta["global_step"]
     base_model = prov.get("base_model") or "unknown"
     base_revision = prov.get("base_model_revision")
-    if base_model_dir is None:
-        recorded = (meta.get("base_model") or {}).get("path")
-        base_model_dir = Path(recorded) if recorded else None
-    if base_model_dir is None or not (Path(base_model_dir) / "unet" / "config.json").is_file():
-        raise LoraExportError(
-            f"base model folder {base_model_dir} (from {checkpoint_dir / TRAINING_STATE_NAME}) has no "
-            "unet/config.json: pass base_model_dir= the diffusers folder of the base model"
-        )
+    base_model_dir = _base_model_folder(base_model_dir, meta, checkpoint_dir)
     training_output_dir = Path(training_output_dir or checkpoint_dir.parent.parent)
-    if facts.final_loss is None:
-        facts.final_loss = meta["loss"]
-    for losses_csv in (checkpoint_dir / "losses.csv", training_output_dir / "losses.csv"):
-        if facts.final_loss is None:
-            facts.final_loss = loss_at_step(losses_csv, step)
-    measured = [r for r in read_validation_losses(checkpoint_dir / VALIDATION_LOSS_NAME) if r["step"] == step]
-    facts.val_loss = measured[-1]["val_loss"] if measured else facts.val_loss
+    _losses_at_checkpoint(facts, meta, checkpoint_dir, training_output_dir)
     lora = {k: meta[k] for k in ("rank", "alpha", "dropout", "target_modules")}
     lora["scale"] = meta["alpha"] / meta["rank"]
     ours = provenance_metadata(prov, lora)
@@ -607,18 +677,10 @@ def export_lora(
         _rewrite_safetensors_metadata(tmp / DIFFUSERS_WEIGHTS_NAME, ours)
 
         # 3. kohya / A1111 / ComfyUI.
-        kohya_sd = peft_to_kohya(peft_sd, meta["alpha"])
         ss = build_kohya_metadata(lora, facts, dataset_name=dataset_name, base_model=base_model, step=step)
-        for k, v in (kohya_metadata or {}).items():
-            if not isinstance(v, str):
-                raise LoraExportError(f"kohya metadata {k!r} must be a string, got {type(v).__name__}")
-            if k in ("ss_network_dim", "ss_network_alpha") and v != ss[k]:
-                # These must describe the tensors; a different value would mislead every client.
-                raise LoraExportError(f"kohya metadata {k} = {v!r} contradicts the checkpoint ({ss[k]!r})")
-            ss[k] = v
-        model_hash, legacy_hash = kohya_model_hashes(kohya_sd, ss)
-        header = {**ss, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash, **ours}
-        save_file(kohya_sd, str(tmp / kohya_name), metadata=header)
+        model_hash, legacy_hash = _write_kohya_file(
+            tmp / kohya_name, peft_to_kohya(peft_sd, meta["alpha"]), ss, kohya_metadata, ours
+        )
 
         # 4. Validation grid of this step.
         grid_src = latest_grid(training_output_dir, at_or_before=step)
@@ -643,34 +705,10 @@ def export_lora(
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
         # 6. Model card.
-        write_model_card(
-            tmp / MODEL_CARD_NAME,
-            ModelCardInfo(
-                dataset_name=dataset_name,
-                base_model=base_model,
-                base_model_revision=base_revision,
-                rank=meta["rank"],
-                alpha=meta["alpha"],
-                dropout=meta["dropout"],
-                target_modules=list(meta["target_modules"]),
-                steps=step,
-                learning_rate=facts.learning_rate,
-                lr_scheduler=facts.lr_scheduler,
-                train_batch_size=facts.train_batch_size,
-                gradient_accumulation_steps=facts.gradient_accumulation_steps,
-                resolution=facts.resolution,
-                final_loss=facts.final_loss,
-                val_loss=facts.val_loss,
-                objective={k: getattr(facts, k) for k in OBJECTIVE_KEYS},
-                num_train_images=facts.num_train_images,
-                instance_prompt=facts.caption_template,
-                widget_prompts=list(facts.validation_prompts),
-                kohya_weights_file=kohya_name,
-                validation_grid_file=VALIDATION_GRID_NAME if grid else None,
-                file_sha256=hashes,
-                provenance=prov,
-            ),
-        )
+        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, prov)
+        card.kohya_weights_file, card.file_sha256 = kohya_name, hashes
+        card.validation_grid_file = VALIDATION_GRID_NAME if grid else None
+        write_model_card(tmp / MODEL_CARD_NAME, card)
     return ExportResult(
         out_dir=out_dir,
         peft_config=out_dir / PEFT_CONFIG_NAME,
