@@ -229,6 +229,8 @@ def test_write_report_files_and_schema(tmp_path: Path) -> None:
     )
     qa_base, base = summary_of(varied_shoes(), prompts, tmp_path, "base")
     losses, grids = write_training_outputs(tmp_path / "train_out")
+    # the held-out validation loss the trainer writes beside losses.csv
+    (losses.parent / "validation_loss.csv").write_text("step,val_loss,t125\n2,0.5,0.4\n10,0.25,0.2\n")
     metrics_lora = {
         "fid": ok("fid", 25.5),
         "kid": MetricResult("kid", 0.01, "ok", extras={"kid_std": 0.002}),
@@ -298,6 +300,10 @@ def test_write_report_files_and_schema(tmp_path: Path) -> None:
     )
 
     md = paths.report_md.read_text()
+    assert (
+        "lowest 0.25000 at step 10; last 0.25000 at step 10" in md
+        and "lowest 0.25000 at step 10" in html_text
+    )
     assert "| FID ↓ | 40.00 | 25.50 | < 30 | pass |" in md
     assert "unavailable (WARN)" in md and "![loss curve](loss_curve.png)" in md
     assert "`pt_inception-2015-12-05-6726825d.pth`" in md  # markdown keeps its code spans

@@ -38,7 +38,7 @@ dataset:
   resolution: 128
   min_valid_ratio: 0.5
   cleaning: {{workers: 1}}
-  splits: {{train: 0.7, val: 0.1, test: 0.2}}
+  splits: {{train: 0.6, val: 0.2, test: 0.2}}
 training:
   base_model: tiny-sd
   output_dir: out/casual_shoes/lora
@@ -86,6 +86,10 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
 
     out = tmp_path / "out" / "casual_shoes" / "lora"
     assert {p.name for p in (out / "checkpoints").iterdir()} >= {"checkpoint-2", "checkpoint-4"}
+    # the val split (cached by training_latents) gives a validation loss at the validation step
+    assert (out / "latent_cache_val" / "index.json").is_file()
+    assert (out / "validation_loss.csv").read_text().splitlines()[1].startswith("4,")
+    assert training["val_loss"].value > 0 and training["best_val_step"].value == 4
     assert (out / "training_log_full.txt").read_text().count("Steps: ") >= 4
     weights = out / "lora_weights"
     for name in [
