@@ -436,7 +436,12 @@ def test_same_stem_gets_content_suffix(tmp_path: Path) -> None:
     assert file_sha256(a)  # sources untouched and readable
 
 
-def test_workers_do_not_change_results_and_raw_is_never_modified(raw: Path, tmp_path: Path) -> None:
+def test_workers_do_not_change_results_and_raw_is_never_modified(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shoe_lora_pipeline.core.pool as pool
+
+    monkeypatch.setattr(pool, "MIN_ITEMS_FOR_POOL", 1)  # these few files would otherwise run in-process
     before = _snapshot(raw)
     listing = sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*"))
     manifest = scan_raw_dir(raw).manifest
@@ -456,7 +461,7 @@ def test_workers_do_not_change_results_and_raw_is_never_modified(raw: Path, tmp_
 def test_broken_worker_pool_falls_back_in_process(
     raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shoe_lora_pipeline.core.cleaning as cleaning
+    import shoe_lora_pipeline.core.pool as pool
 
     class BrokenPool:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -472,7 +477,8 @@ def test_broken_worker_pool_falls_back_in_process(
             yield fn(jobs[0])  # one result arrives, then the pool dies
             raise BrokenProcessPool("worker killed")
 
-    monkeypatch.setattr(cleaning, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(pool, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(pool, "MIN_ITEMS_FOR_POOL", 1)
     with pytest.warns(RuntimeWarning, match="continuing in-process"):
         report = clean_images(scan_raw_dir(raw).manifest, tmp_path / "out", _params(), workers=2)
     assert report.processed_count == 9 and report.valid_count == 4

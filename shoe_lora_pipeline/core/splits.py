@@ -8,7 +8,7 @@ follow the image they duplicate, so a near-copy cannot leak into val/test.
 Layout written (and nothing else touched)::
 
     out_dir/{train,val,test}/images/<image_file>   hard link to the cleaned PNG (copy if impossible)
-    out_dir/{train,val,test}/captions.json          the seed's captions.json format
+    out_dir/{train,val,test}/captions.json          the recipe's captions.json format
 
 This module imports no Dagster; the asset wraps it.
 """
