@@ -36,7 +36,9 @@ from shoe_drawing import (  # noqa: E402  (scripts/ is not a package)
 
 FIRST_ID = 20001
 BANK_SIZE = 32
-STYLES_HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+STYLES_HEADER = (
+    "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ def _bank_shot(args: tuple[int, int, int]) -> BankShot:
     colour = rng.choice(sorted(UPPER_SHADES))
     spec = make_spec(rng, colour, rng.choice(ARTICLES))
     shoe = render_shoe(spec, length)
-    layout = ShotLayout(0.0, 0.0, rng.uniform(2.0, 6.0) * rng.choice([-1, 1]) if index % 5 == 4 else 0.0, index % 7 == 3)
+    layout = ShotLayout(
+        0.0, 0.0, rng.uniform(2.0, 6.0) * rng.choice([-1, 1]) if index % 5 == 4 else 0.0, index % 7 == 3
+    )
     group = arrange(shoe, spec, layout, length)
     shot = place(group, (round(group.width * 1.1), round(group.height * 1.2)), layout)
     return BankShot(spec, shot.crop(shot.getchannel("A").getbbox()))
@@ -111,28 +115,25 @@ def _styles_row(photo_id: int, colour: str, article: str) -> str:
     return f"{photo_id},{gender},Footwear,Shoes,{article},{colour},Fall,2016,Casual,Benchmark {gender} {colour} {article}"
 
 
-def write_photos(out: Path, seed: int, start: int, count: int, size: tuple[int, int], workers: int) -> None:
-    """Photos ``start .. start+count-1`` into ``out`` (JPEGs only; see :func:`write_catalogue_files`)."""
+def write_photos(
+    out: Path, seed: int, start: int, count: int, size: tuple[int, int], workers: int
+) -> list[tuple[int, str, str]]:
+    """Photos ``start .. start+count-1`` into ``out``; returns (index, colour, articleType) of each."""
     global _BANK
     out.mkdir(parents=True, exist_ok=True)
     if not _BANK:
         _BANK = draw_bank(seed, size, workers)
     jobs = [(seed, i, size, str(out)) for i in range(start, start + count)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked after the bank exists
-        results = pool.map(_write_photo, jobs, chunksize=16)
-    facts_path = out.parent / f"{out.name}.facts.jsonl"
-    with facts_path.open("a", encoding="utf-8") as fh:
-        for index, colour, article in results:
-            fh.write(json.dumps([index, colour, article]) + "\n")
+        return pool.map(_write_photo, jobs, chunksize=16)
 
 
-def write_catalogue_files(out: Path) -> None:
-    """styles.csv (every photo but each 10th), a sidecar for each 50th and metadata.jsonl for each 25th."""
-    facts_path = out.parent / f"{out.name}.facts.jsonl"
-    facts = sorted(json.loads(line) for line in facts_path.read_text(encoding="utf-8").splitlines())
+def write_catalogue_files(out: Path, facts: list[tuple[int, str, str]]) -> None:
+    """styles.csv (every photo but each 10th), a sidecar for each 50th and metadata.jsonl for each 25th,
+    for the photos ``facts`` describes (as :func:`write_photos` returns them)."""
     rows = [STYLES_HEADER]
     meta = []
-    for index, colour, article in facts:
+    for index, colour, article in sorted(facts):
         pid = FIRST_ID + index
         if index % 10 != 7:
             rows.append(_styles_row(pid, colour, article))

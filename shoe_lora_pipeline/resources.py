@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from shoe_lora_pipeline.core.config import CONFIG_ENV_VAR, PipelineConfig, load_config
-from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
-from shoe_lora_pipeline.core.models import SDComponents, load_base_model, resolve_base_model
+
+if TYPE_CHECKING:  # torch-heavy: imported where used, so the data steps never load torch
+    from shoe_lora_pipeline.core.device import DeviceInfo
+    from shoe_lora_pipeline.core.models import SDComponents
 
 
 class PipelineConfigResource(dg.ConfigurableResource):
@@ -57,6 +59,8 @@ class DeviceResource(dg.ConfigurableResource):
     device: str = Field(default="", description="auto|mps|cuda|cpu; empty = the config file's `device`.")
 
     def resolve(self, cfg: PipelineConfig) -> DeviceInfo:
+        from shoe_lora_pipeline.core.device import choose_device
+
         return choose_device(self.device or cfg.device, cfg.training.mixed_precision)
 
 
@@ -72,6 +76,8 @@ class BaseModelResource(dg.ConfigurableResource):
         return Path(self.cache_dir) if self.cache_dir else None
 
     def load(self, cfg: PipelineConfig, device: DeviceInfo) -> SDComponents:
+        from shoe_lora_pipeline.core.models import load_base_model
+
         return load_base_model(
             cfg.training.base_model,
             revision=cfg.training.revision,
@@ -81,6 +87,8 @@ class BaseModelResource(dg.ConfigurableResource):
 
     def folder(self, cfg: PipelineConfig) -> Path:
         """The base model's diffusers folder (built or found in the cache first)."""
+        from shoe_lora_pipeline.core.models import resolve_base_model
+
         return resolve_base_model(cfg.training.base_model, cfg.training.revision, self._cache())
 
 

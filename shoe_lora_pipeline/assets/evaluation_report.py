@@ -5,9 +5,7 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
 from shoe_lora_pipeline.assets._stage import category_of, stage
-from shoe_lora_pipeline.core.evaluation import evaluate
 from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.lora_io import read_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 # The recipe's validation checklist (§7.4), one Dagster asset check each. The product-photo checks are
@@ -42,6 +40,10 @@ def evaluation_report(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
+    # Imported here, not at module level: the data steps load this module too and must not pay for torch.
+    from shoe_lora_pipeline.core.evaluation import evaluate
+    from shoe_lora_pipeline.core.lora_io import read_provenance
+
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)

@@ -6,15 +6,16 @@ import dagster as dg
 from shoe_lora_pipeline.assets._metadata import config_metadata, dataset_manifest_hash, md_table
 from shoe_lora_pipeline.assets._stage import category_of, stage
 from shoe_lora_pipeline.core.captions import read_captions_json
-from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpoint
 from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.lora_io import LoraExportError, TrainingFacts, export_lora
 from shoe_lora_pipeline.core.provenance import collect_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
 def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
     """The final checkpoint, or export.checkpoint_step when set (manual early stopping)."""
+    from shoe_lora_pipeline.core.checkpoints import list_checkpoints, newest_checkpoint
+    from shoe_lora_pipeline.core.lora_io import LoraExportError
+
     wanted = cfg.export.checkpoint_step
     if wanted is None:
         ckpt = newest_checkpoint(layout.checkpoints_dir)
@@ -41,6 +42,9 @@ def selected_checkpoint(cfg, layout: Layout):  # noqa: ANN001, ANN201
 def lora_weights(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
+    # Imported here, not at module level: the data steps load this module too and must not pay for torch.
+    from shoe_lora_pipeline.core.lora_io import TrainingFacts, export_lora
+
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     ckpt = selected_checkpoint(cfg, layout)

@@ -5,7 +5,6 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._metadata import config_metadata
 from shoe_lora_pipeline.assets._stage import category_of, stage
-from shoe_lora_pipeline.core.latents import cache_latents
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
@@ -25,6 +24,9 @@ def training_latents(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
+    # Imported here, not at module level: the data steps load this module too and must not pay for torch.
+    from shoe_lora_pipeline.core.latents import cache_latents
+
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)

@@ -212,7 +212,7 @@ class MetadataCaptions:
 
 def _metadata_line(path: Path, lineno: int, raw: bytes) -> tuple[str, str] | None:
     """(file_name as a posix path, text) of one metadata.jsonl line; None for a blank line."""
-    where = f"{path}:{lineno}"
+    where = f"{path}, line {lineno}"
     try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
@@ -220,9 +220,9 @@ def _metadata_line(path: Path, lineno: int, raw: bytes) -> tuple[str, str] | Non
     if not line.strip():
         return None
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        raise CaptionsFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise CaptionsFormatError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise CaptionsFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     name, text = obj.get("file_name"), obj.get("text")
@@ -257,7 +257,7 @@ def load_metadata_jsonl(raw_dir: Path) -> MetadataCaptions:
             if name in result.by_source:
                 first = result.by_source[name][1]
                 raise CaptionsFormatError(
-                    f"{path}:{lineno}: duplicate file_name {name!r} (first on line {first})"
+                    f"{path}, line {lineno}: duplicate file_name {name!r} (first on line {first})"
                 )
             text = clean_caption_text(text)
             problem = None
