@@ -34,6 +34,8 @@ from shoe_drawing import (  # noqa: E402  (scripts/ is not a package)
     render_shoe,
 )
 
+from shoe_lora_pipeline.core.styles import STYLES_COLUMNS  # noqa: E402
+
 FIRST_ID = 20001
 BANK_SIZE = 32
 STYLES_HEADER = (
@@ -131,7 +133,7 @@ def write_photos(
 def write_catalogue_files(out: Path, facts: list[tuple[int, str, str]]) -> None:
     """styles.csv (every photo but each 10th), a sidecar for each 50th and metadata.jsonl for each 25th,
     for the photos ``facts`` describes (as :func:`write_photos` returns them)."""
-    rows = [STYLES_HEADER]
+    rows = [",".join(STYLES_COLUMNS)]
     meta = []
     for index, colour, article in sorted(facts):
         pid = FIRST_ID + index

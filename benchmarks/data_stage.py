@@ -379,18 +379,13 @@ def add_photos(work: Path, raw: Path, extra: Path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import PIL
 
+    # The package's CPU-name reader (called after the measurements: that module imports torch).
+    from shoe_lora_pipeline.core.device import _cpu_name
+
     return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, Pillow {PIL.__version__}, "
+        f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, Pillow {PIL.__version__}, "
         f"{platform.system()} {platform.release()}"
     )
 
@@ -510,7 +505,7 @@ def main() -> None:
     run_raw = work / "raw_run"  # the set the runs see; photos are added to this copy
     shutil.copytree(raw, run_raw, copy_function=os.link)
 
-    r: dict = {"date": datetime.date.today().isoformat(), "machine": machine(), "load_before": load()}
+    r: dict = {"date": datetime.date.today().isoformat(), "load_before": load()}
     photos = sorted(run_raw.glob("*.jpg"))
     print(f"naive loop over {len(photos)} photos ...", file=sys.stderr)
     r["naive"] = naive_loop(photos, work / "naive")
@@ -529,6 +524,7 @@ def main() -> None:
         r["levers"] = levers(photos[: min(200, len(photos))], work)
         r["pool"] = pool_lever(run_raw, work, min(200, len(photos)))
     r["load_after"] = load()
+    r["machine"] = machine()
     text = report(args, r)
     print(text)
     (work / "result.json").write_text(json.dumps(r, indent=2, default=str))

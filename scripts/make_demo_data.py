@@ -23,6 +23,8 @@ from hostile_files import encode, invalid_files
 from PIL import Image
 from shoe_drawing import ARTICLES, ShoeSpec, compose, luminance, make_spec, on_white
 
+from shoe_lora_pipeline.core.styles import STYLES_COLUMNS  # importable once shoe_drawing is
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "data" / "casual_shoes" / "raw"
 
@@ -30,9 +32,7 @@ SEED = 20240611
 FIRST_ID = 10001
 N_VALID = 100
 
-STYLES_HEADER = (
-    "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
-)
+STYLES_HEADER = ",".join(STYLES_COLUMNS)
 # Invented brand names: the demo should not look like it ships anyone's catalogue.
 BRANDS = ["Fieldcraft", "Urban Step", "Northwalk", "Maple & Co", "Streetline", "Cobblestone", "Kestrel"]
 SEASONS = ["Summer", "Fall", "Winter", "Spring"]
