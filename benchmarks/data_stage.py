@@ -348,7 +348,7 @@ def pool_lever(raw: Path, work: Path, n: int) -> dict:
 
 
 def prepare_photos(work: Path, n: int, add: int, size: tuple[int, int], workers: int) -> tuple[Path, Path]:
-    """work/raw with n photos + catalogue files, work/extra with the next ``add`` photos (cached)."""
+    """work/raw with n photos + catalogue files, work/extra with the next 2 × ``add`` photos (cached)."""
     import catalogue_photos as cp
 
     raw, extra = work / "raw", work / "extra"
@@ -359,19 +359,20 @@ def prepare_photos(work: Path, n: int, add: int, size: tuple[int, int], workers:
     shutil.rmtree(extra, ignore_errors=True)
     facts = cp.write_photos(raw, SEED, 0, n, size, workers)
     cp.write_catalogue_files(raw, facts)
-    facts += cp.write_photos(extra, SEED, n, add, size, workers)
+    facts += cp.write_photos(extra, SEED, n, 2 * add, size, workers)  # two batches of new photos
     stamp.write_text(json.dumps(facts))
     return raw, extra
 
 
-def add_photos(work: Path, raw: Path, extra: Path) -> None:
-    """The new photos arrive with their styles.csv rows (styles.csv and metadata.jsonl rewritten)."""
+def add_photos(work: Path, raw: Path, extra: Path, batch: int, add: int) -> None:
+    """New photos (batch 0 or 1 of ``add``) arrive with their styles.csv rows (catalogue files rewritten)."""
     import catalogue_photos as cp
 
-    for p in sorted(extra.glob("*.jpg")):
+    for p in sorted(extra.glob("*.jpg"))[batch * add : (batch + 1) * add]:
         shutil.copy2(p, raw / p.name)
     (stamp,) = work.glob(f"photos-{SEED}-*.json")
-    cp.write_catalogue_files(raw, [tuple(f) for f in json.loads(stamp.read_text())])
+    present = {int(p.stem) - cp.FIRST_ID for p in raw.glob("*.jpg")}
+    cp.write_catalogue_files(raw, [tuple(f) for f in json.loads(stamp.read_text()) if f[0] in present])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,8 +429,14 @@ def report(args: argparse.Namespace, r: dict) -> str:
             f"{r['core_add']['seconds'][stage]:.2f}",
         ]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    cmp = r["dagster_add_compare"]
+    cmp_steps = sum(cmp["steps"].values())
+    starts = ", ".join(f"{k} {v:.1f} s" for k, v in cmp["step_start"].items()) or "none"
     cf = r["core_full"]
     lines += [
+        "",
+        f"The same +{add} photos once more with the {args.compare_executor} executor: wall {cmp['wall']:.1f} s "
+        f"({cmp['wall'] / naive:.3f}× naive), steps {cmp_steps:.2f} s, step process launch→start: {starts}.",
         "",
         f"Executor: {args.executor}. Dagster run (RUN_START→RUN_SUCCESS) {full['run']:.1f} s full, "
         f"{inc['run']:.1f} s +{add}; the rest of the wall time is the CLI's own start (imports, code "
@@ -483,8 +490,15 @@ def main() -> None:
     ap.add_argument(
         "--executor",
         choices=sorted(EXECUTORS),
+        default="in_process",
+        help="executor of the measured runs (default: in_process, as dataset_job runs); "
+        "'default' is what the Definitions ship, the others are passed as run config",
+    )
+    ap.add_argument(
+        "--compare-executor",
+        choices=sorted(EXECUTORS),
         default="default",
-        help="default: whatever the Definitions ship; the others are passed as run config",
+        help="executor of a second +N run, for comparison",
     )
     ap.add_argument("--out", type=Path, help="also write the report here")
     ap.add_argument("--core-run", nargs=2, type=Path, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
@@ -515,10 +529,13 @@ def main() -> None:
     print("dagster, full ...", file=sys.stderr)
     cfg = write_config(work, run_raw)
     r["dagster_full"] = dagster_materialize(work, cfg, args.executor)
-    add_photos(work, run_raw, extra)
+    add_photos(work, run_raw, extra, 0, args.add)
     print(f"dagster, +{args.add} ...", file=sys.stderr)
     r["dagster_add"] = dagster_materialize(work, cfg, args.executor)
     r["core_add"] = run_core_child(run_raw, work / "core")
+    add_photos(work, run_raw, extra, 1, args.add)
+    print(f"dagster, +{args.add} more, {args.compare_executor} executor ...", file=sys.stderr)
+    r["dagster_add_compare"] = dagster_materialize(work, cfg, args.compare_executor)
     if not args.no_levers:
         print("levers ...", file=sys.stderr)
         r["levers"] = levers(photos[: min(200, len(photos))], work)
