@@ -14,6 +14,7 @@ import io
 import json
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -64,9 +65,11 @@ _ORIENTATION_METHODS = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPPING_METHODS = frozenset(_ORIENTATION_METHODS[o] for o in _TRANSPOSED_ORIENTATIONS)
-# zlib level of the cleaned PNGs (lossless at every level): 1 writes several times faster than the
-# default 6 for about a fifth more bytes on product photos (benchmarks/RESULTS.md has the numbers).
+# zlib settings of the cleaned PNGs (lossless whatever they are). The RLE strategy suits product photos
+# (long runs of white, smooth shading after PNG's row filters): as small as the default level 6 and about
+# twice as fast, so the level hardly matters (benchmarks/RESULTS.md has the numbers).
 PNG_COMPRESS_LEVEL = 1
+PNG_COMPRESS_TYPE = zlib.Z_RLE
 
 Box = tuple[float, float, float, float]
 
@@ -491,4 +494,6 @@ def clean_file(job: CleanJob) -> dict[str, Any]:
 def save_png(img: Image.Image, path: Path) -> None:
     """Deterministic, lossless PNG: fixed compression, no text/time chunks, no metadata carried over."""
     img.info = {}
-    img.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    img.save(
+        path, format="PNG", compress_level=PNG_COMPRESS_LEVEL, compress_type=PNG_COMPRESS_TYPE, optimize=False
+    )
