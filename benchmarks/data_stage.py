@@ -500,6 +500,29 @@ def report(args: argparse.Namespace, r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_report(args: argparse.Namespace, r: dict) -> str:
+    cf, full = r["core_full"], r["dagster_full"]
+    return (
+        "\n".join(
+            [
+                f"Run {r['date']} on {r['machine']}; load average before {r['load_before']}, after {r['load_after']}.",
+                f"{args.photos:,} generated {args.size[0]}×{args.size[1]} JPEG photos (seed {SEED}), memory only.",
+                "",
+                "| run | seconds | CPU s | baseline RSS MB | peak RSS of the process tree MB |",
+                "| --- | --- | --- | --- | --- |",
+                f"| core functions, fresh process | {sum(cf['seconds'].values()):.1f} | {cf['cpu_s']:.1f} | "
+                f"{cf['baseline_rss_mb']:.0f} | {cf['peak_tree_rss_mb']:.0f} |",
+                f"| `dagster asset materialize` ({args.executor}) | {full['wall']:.1f} | {full['cpu_s']:.1f} | | "
+                f"{full['peak_tree_rss_mb']:.0f} |",
+                "",
+                f"Core run: {cf['kept']:,} kept, {cf['near_duplicate_pairs']:,} near-duplicate pairs; seconds by "
+                "stage: " + ", ".join(f"{k} {v:.1f}" for k, v in cf["seconds"].items()),
+            ]
+        )
+        + "\n"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=2010)
@@ -510,6 +533,11 @@ def main() -> None:
     )
     ap.add_argument("--workdir", type=Path, default=REPO / ".cache" / "data_stage_bench")
     ap.add_argument("--no-levers", action="store_true")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the full core run and the full dagster run (peak RSS at catalogue size; no naive loop)",
+    )
     ap.add_argument(
         "--executor",
         choices=sorted(EXECUTORS),
@@ -543,6 +571,12 @@ def main() -> None:
     shutil.copytree(raw, run_raw, copy_function=os.link)
 
     r: dict = {"date": datetime.date.today().isoformat(), "load_before": load()}
+    if args.memory_only:
+        r["core_full"] = run_core_child(run_raw, work / "core")
+        r["dagster_full"] = dagster_materialize(work, write_config(work, run_raw), args.executor)
+        r["load_after"], r["machine"] = load(), machine()
+        print(memory_report(args, r))
+        return
     photos = sorted(run_raw.glob("*.jpg"))
     print(f"naive loop over {len(photos)} photos ...", file=sys.stderr)
     r["naive"], r["naive_cpu"] = naive_loop(photos, work / "naive")
