@@ -36,7 +36,7 @@ STYLES_HEADER = ",".join(STYLES_COLUMNS)
 # Invented brand names: the demo should not look like it ships anyone's catalogue.
 BRANDS = ["Fieldcraft", "Urban Step", "Northwalk", "Maple & Co", "Streetline", "Cobblestone", "Kestrel"]
 SEASONS = ["Summer", "Fall", "Winter", "Spring"]
-# How many of the 100 valid images get each colour: the seed colours dominate.
+# How many of the 100 valid images get each colour: the recipe's colours dominate.
 COLOUR_COUNTS = {
     "Black": 18,
     "Brown": 18,

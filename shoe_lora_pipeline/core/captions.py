@@ -112,6 +112,12 @@ def _safe_relative_source(source: Any) -> PurePosixPath | None:
     return p
 
 
+def clean_caption_text(text: str) -> str:
+    """One line of plain text: whitespace runs (newlines included) collapse, control characters go."""
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\n\t\r ")
+    return " ".join(text.split())
+
+
 def read_sidecar(
     raw_dir: Path, source: str, root: Path | None = None
 ) -> tuple[str | None, str | None, str | None]:
@@ -190,12 +196,6 @@ def read_manifest(cleaned_dir: Path) -> list[dict[str, Any]]:
                 f"{where} ({rec['image_file']}): colour_estimate must be {{'colour': name, 'details': {{...}}}}"
             )
     return records
-
-
-def clean_caption_text(text: str) -> str:
-    """One line of plain text: whitespace runs (newlines included) collapse, control characters go."""
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\n\t\r ")
-    return " ".join(text.split())
 
 
 @dataclass
@@ -497,7 +497,10 @@ def build_captions(
     matched_ids: set[str] = set()
     matched_sources: set[str] = set()
 
-    for rec in sorted(read_manifest(cleaned_dir), key=lambda r: r["image_file"]):
+    # Last first, popped: each manifest record is freed as soon as its entry exists (memory stays flat).
+    records = sorted(read_manifest(cleaned_dir), key=lambda r: r["image_file"], reverse=True)
+    while records:
+        rec = records.pop()
         image_file = rec["image_file"]
         src = gather_sources(rec, raw_root, styles, metadata)
         key = caption_key(rec, src, settings)

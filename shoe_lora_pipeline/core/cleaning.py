@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from shoe_lora_pipeline.core.fsutil import atomic_write_text
+from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
 
 from .imagehash import iter_near_duplicate_pairs
 from .normalise import (  # noqa: F401  (re-exported: the stage's public API)
@@ -264,7 +264,7 @@ def _write_discard_reports(out_dir: Path, rejects: list[dict]) -> None:
     for row in rejects:
         writer.writerow({k: ("" if row[k] is None else row[k]) for k in DISCARD_COLUMNS})
     atomic_write_text(out_dir / DISCARD_CSV, buf.getvalue())
-    atomic_write_text(out_dir / DISCARD_JSON, json.dumps(rejects, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(out_dir / DISCARD_JSON, rejects, indent=2, ensure_ascii=False)
 
 
 def _plan(
@@ -313,9 +313,9 @@ def _manifest_records(
 
 
 def _save(out_dir: Path, records: list[dict], rejects: list[dict], cache_doc: dict) -> None:
-    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(out_dir / MANIFEST_FILE, records, indent=2, ensure_ascii=False)
     _write_discard_reports(out_dir, rejects)
-    atomic_write_text(out_dir / CACHE_FILE, json.dumps(cache_doc, indent=1, sort_keys=True) + "\n")
+    atomic_write_json(out_dir / CACHE_FILE, cache_doc, indent=1, sort_keys=True)
 
 
 def clean_images(

@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 _CHUNK = 1 << 20
 
@@ -44,14 +46,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a synced temporary sibling and ``os.replace``."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text handle on a temporary sibling of ``path``; on a clean exit it is synced and
+    ``os.replace``-d into place, on an error removed. Lets big files be written in pieces (e.g.
+    ``json.dump``) instead of being built as one string in memory first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -59,9 +64,19 @@ def atomic_write_text(path: Path, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a synced temporary sibling and ``os.replace``."""
+    with atomic_writer(path) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
+    """``json.dumps(data, **dumps_kwargs) + "\\n"`` written atomically, streamed (no whole-file string)."""
     dumps_kwargs.setdefault("indent", 2)
-    return atomic_write_text(path, json.dumps(data, **dumps_kwargs) + "\n")
+    with atomic_writer(path) as fh:
+        json.dump(data, fh, **dumps_kwargs)
+        fh.write("\n")
+    return Path(path)
