@@ -56,9 +56,12 @@ def build_automation(
         selection=dg.AssetSelection.all(),
         description="The whole graph, every category: photos → LoRA → evaluation report.",
     )
+    # In one process: the four data steps are a chain of short steps (seconds for a few new photos), so
+    # a process per step would cost more than the steps; cleaning runs its own pool on every core.
     dataset_job = dg.define_asset_job(
         "dataset_job",
         selection=dg.AssetSelection.groups("dataset"),
+        executor_def=dg.in_process_executor,
         description="The data stage only: raw_images → cleaned_images → captions → dataset_splits.",
     )
     retrain_schedule = dg.ScheduleDefinition(

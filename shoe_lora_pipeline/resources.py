@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from shoe_lora_pipeline.core.config import CONFIG_ENV_VAR, PipelineConfig, load_config
-from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
-from shoe_lora_pipeline.core.models import (
-    SDComponents,
-    base_model_identity,
-    load_base_model,
-    resolve_base_model,
-)
+
+if TYPE_CHECKING:  # torch-heavy: imported where used, so the data steps never load torch
+    from shoe_lora_pipeline.core.device import DeviceInfo
+    from shoe_lora_pipeline.core.models import SDComponents
 
 
 class PipelineConfigResource(dg.ConfigurableResource):
@@ -66,6 +64,8 @@ class DeviceResource(dg.ConfigurableResource):
     )
 
     def resolve(self, cfg: PipelineConfig) -> DeviceInfo:
+        from shoe_lora_pipeline.core.device import choose_device
+
         return choose_device(self.device or cfg.device, cfg.training.mixed_precision)
 
 
@@ -81,6 +81,8 @@ class BaseModelResource(dg.ConfigurableResource):
         return Path(self.cache_dir) if self.cache_dir else None
 
     def load(self, cfg: PipelineConfig, device: DeviceInfo) -> SDComponents:
+        from shoe_lora_pipeline.core.models import load_base_model
+
         return load_base_model(
             cfg.training.base_model,
             revision=cfg.training.revision,
@@ -90,11 +92,15 @@ class BaseModelResource(dg.ConfigurableResource):
 
     def folder(self, cfg: PipelineConfig) -> Path:
         """The base model's diffusers folder (built or found in the cache first)."""
+        from shoe_lora_pipeline.core.models import resolve_base_model
+
         return resolve_base_model(cfg.training.base_model, cfg.training.revision, self._cache())
 
     def identity(self, cfg: PipelineConfig) -> dict[str, str | None]:
         """The base model's resolved identity (id, revision, fingerprint), as :meth:`load` records it on
         the components and checkpoints and provenance.json carry it."""
+        from shoe_lora_pipeline.core.models import base_model_identity
+
         return base_model_identity(cfg.training.base_model, self.folder(cfg), cfg.training.revision)
 
 

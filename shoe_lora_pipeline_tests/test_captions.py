@@ -17,6 +17,7 @@ from shoe_lora_pipeline.core.captions import (
     read_captions_json,
     render_caption,
     type_from_style,
+    write_captions,
     write_captions_json,
 )
 from shoe_lora_pipeline.core.config import CAPTION_TEMPLATE, VALIDATION_PROMPTS
@@ -257,6 +258,132 @@ def test_caption_priority_sidecar_styles_pixels(tmp_path: Path) -> None:
     assert kinds == [("bad_sidecar", "10004.png"), ("malformed", "10005"), ("unmatched", "99999")]
     assert res.colour_counts["black"] == 1 and res.type_counts["casual"] == 4
     assert res.styles_matched == 2
+
+
+ROWS = {
+    "10001": "10001,Men,Footwear,Shoes,Casual Shoes,Brown,Summer,2012,Casual,Roadster Men Brown Shoes",
+    "10002": "10002,Men,Footwear,Shoes,Sneakers,White,Summer,2012,Casual,Streetline Men White Sneakers",
+    "10003": "10003,Men,Footwear,Shoes,Casual Shoes,Black,Summer,2012,Casual,Roadster Men Black Shoes",
+}
+
+
+def _caption_run(cleaned: Path, raw: Path, tmp_path: Path, rows: dict[str, str]):  # noqa: ANN202
+    styles = load_styles(write_styles(tmp_path / "styles.csv", list(rows.values())))
+    out = tmp_path / "captions.json"
+    res = build_captions(cleaned, raw, styles, CAPTION_TEMPLATE, "casual", "side view", previous=out)
+    write_captions(res, out)
+    return res, json.loads(out.read_text())
+
+
+def test_captions_are_incremental_by_photo_and_sources(tmp_path: Path) -> None:
+    items = [
+        ("10001", "10001.jpg", (110, 70, 35)),
+        ("10002", "a/10002.jpg", (238, 238, 236)),
+        ("10002", "b/10002.jpg", (35, 75, 190)),  # same id (stem) in another folder: same styles row
+        ("10003", "10003.jpg", (15, 15, 15)),
+    ]
+    cleaned, raw = make_dataset(tmp_path, items[:1] + items[3:])
+    # make_dataset names images by id; give the two 10002 photos distinct files as the cleaner would.
+    records = json.loads((cleaned / "manifest.json").read_text())
+    for suffix, (image_id, source, colour) in zip(("", "_b"), items[1:3], strict=True):
+        (raw / source).parent.mkdir(parents=True, exist_ok=True)
+        (raw / source).write_bytes(source.encode())
+        shoe_image(colour).save(cleaned / "images" / f"{image_id}{suffix}.png")
+        records.append(
+            {**records[0], "image_file": f"{image_id}{suffix}.png", "id": image_id, "source": source}
+        )
+        records[-1]["source_sha256"] = f"{len(records):064x}"
+    (cleaned / "manifest.json").write_text(json.dumps(records))
+
+    first, first_json = _caption_run(cleaned, raw, tmp_path, ROWS)
+    assert sorted(first.captioned) == ["10001.png", "10002.png", "10002_b.png", "10003.png"]
+
+    again, again_json = _caption_run(cleaned, raw, tmp_path, ROWS)
+    assert again.captioned == [] and again.reused_count == 4 and again_json == first_json
+
+    # An edited styles.csv row re-captions exactly the photos with that id, nothing else.
+    edited = {**ROWS, "10002": ROWS["10002"].replace("White", "Red")}
+    changed, changed_json = _caption_run(cleaned, raw, tmp_path, edited)
+    assert sorted(changed.captioned) == ["10002.png", "10002_b.png"] and changed.reused_count == 2
+    by = {e["image_file"]: e for e in changed_json}
+    assert by["10002.png"]["caption"].startswith("A professional product photo of red ")
+    assert [e for e in changed_json if e["image_file"] in ("10001.png", "10003.png")] == [
+        e for e in first_json if e["image_file"] in ("10001.png", "10003.png")
+    ]
+
+    # A sidecar written for one photo re-captions that photo only.
+    (raw / "10003.txt").write_text("A hand-written caption of a black shoe\n", encoding="utf-8")
+    sidecar, _ = _caption_run(cleaned, raw, tmp_path, edited)
+    assert sidecar.captioned == ["10003.png"]
+
+    # A new photo is the only one captioned.
+    shoe_image((35, 75, 190)).save(cleaned / "images" / "10004.png")
+    records.append({**records[0], "image_file": "10004.png", "id": "10004", "source": "10004.jpg"})
+    records[-1]["source_sha256"] = "cd" * 32
+    (cleaned / "manifest.json").write_text(json.dumps(records))
+    added, _ = _caption_run(cleaned, raw, tmp_path, edited)
+    assert added.captioned == ["10004.png"] and added.reused_count == 4
+
+    # captions.json edited by hand: nothing is trusted, everything is captioned again.
+    out = tmp_path / "captions.json"
+    out.write_text(out.read_text().replace("hand-written", "hand written"))
+    redo, _ = _caption_run(cleaned, raw, tmp_path, edited)
+    assert len(redo.captioned) == 5
+
+
+def test_metadata_jsonl_captions_between_sidecar_and_styles(tmp_path: Path) -> None:
+    cleaned, raw = make_dataset(
+        tmp_path,
+        [
+            ("10001", "10001.jpg", (110, 70, 35)),  # sidecar + metadata + styles -> sidecar
+            ("10002", "sub/10002.jpg", (15, 15, 15)),  # metadata + styles -> metadata
+            ("10003", "10003.jpg", (35, 75, 190)),  # empty metadata text + styles -> styles
+        ],
+    )
+    (raw / "10001.txt").write_text("A hand-written caption\n", encoding="utf-8")
+    lines = [
+        {"file_name": "10001.jpg", "text": "from the jsonl, loses to the sidecar"},
+        {"file_name": "./sub/10002.jpg", "text": "  a black shoe,\n from metadata.jsonl ", "split": "train"},
+        {"file_name": "10003.jpg", "text": "   "},
+        {"file_name": "gone.jpg", "text": "a photo cleaning rejected"},
+    ]
+    (raw / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n", encoding="utf-8")
+    styles = load_styles(write_styles(tmp_path / "styles.csv", list(ROWS.values())))
+    res = build_captions(cleaned, raw, styles, CAPTION_TEMPLATE, "casual", "side view")
+    by = {e["image_file"]: e for e in res.entries}
+    assert by["10001.png"]["metadata"]["caption_source"] == "sidecar"
+    assert by["10002.png"]["caption"] == "a black shoe, from metadata.jsonl"
+    assert by["10002.png"]["metadata"]["caption_source"] == "metadata"
+    assert by["10002.png"]["metadata"]["metadata_line"] == 2
+    assert by["10003.png"]["metadata"]["caption_source"] == "styles"
+    assert res.source_counts == {"sidecar": 1, "metadata": 1, "styles": 1, "estimated": 0}
+    problems = {(p["kind"], p.get("line")) for p in res.problems}
+    assert problems == {("bad_metadata", 3), ("unmatched_metadata", 4)}
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"file_name": "10001.jpg", "text": "unterminated}', "line 2: not valid JSON"),
+        ('["10001.jpg", "a caption"]', "line 2: expected a JSON object"),
+        ('{"text": "no file name"}', "line 2: file_name None must be a relative path"),
+        ('{"file_name": "../outside.jpg", "text": "x"}', "line 2: file_name '../outside.jpg'"),
+        ('{"file_name": "10002.jpg", "caption": "wrong column"}', "line 2: 'text' must be a string"),
+        (
+            '{"file_name": "10001.jpg", "text": "again"}',
+            "line 2: duplicate file_name '10001.jpg' (first on line 1)",
+        ),
+    ],
+)
+def test_bad_metadata_jsonl_names_file_and_line(tmp_path: Path, line: str, needle: str) -> None:
+    cleaned, raw = make_dataset(tmp_path, [("10001", "10001.jpg", (110, 70, 35))])
+    path = raw / "metadata.jsonl"
+    path.write_text(
+        json.dumps({"file_name": "10001.jpg", "text": "fine"}) + "\n" + line + "\n", encoding="utf-8"
+    )
+    with pytest.raises(CaptionsFormatError) as err:
+        build_captions(cleaned, raw, load_styles(None), CAPTION_TEMPLATE, "casual", "side view")
+    assert str(path) in str(err.value) and needle in str(err.value)
 
 
 def test_sidecar_escaping_raw_dir_is_reported(tmp_path: Path) -> None:

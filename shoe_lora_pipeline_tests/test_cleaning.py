@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageDraw, JpegImagePlugin
 
 from shoe_lora_pipeline.core.cleaning import (
     CACHE_FILE,
@@ -32,6 +32,7 @@ from shoe_lora_pipeline.core.cleaning import (
     fit_square,
     to_rgb,
 )
+from shoe_lora_pipeline.core.colour import estimate_colour
 from shoe_lora_pipeline.core.config import CleaningConfig
 from shoe_lora_pipeline.core.imagehash import (
     dct_matrix,
@@ -297,6 +298,44 @@ def test_fit_square_exact_sizes() -> None:
         fit_square(Image.new("RGB", (5, 5)), 50, "stretch")
 
 
+def _photo(size: tuple[int, int]) -> Image.Image:
+    """Shapes with sharp edges and a thin diagonal line: the worst case for a scaled decode."""
+    w, h = size
+    img = Image.new("RGB", size, WHITE)
+    d = ImageDraw.Draw(img)
+    d.ellipse((w * 0.1, h * 0.3, w * 0.7, h * 0.8), fill=(120, 60, 30))
+    d.rectangle((w * 0.55, h * 0.1, w * 0.9, h * 0.4), fill=(30, 60, 200))
+    d.line((0, 0, w, h), fill=BLACK, width=3)
+    return img
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("policy", ["pad", "crop"])
+def test_big_jpeg_decoded_at_reduced_scale_matches_full_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, orientation: int, policy: str
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(_photo((1603, 1201)), tmp_path / "big.jpg", quality=92, exif=exif.tobytes())
+    decoded: list[tuple[int, int]] = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: JpegImagePlugin.JpegImageFile, mode: str | None, size: tuple[int, int] | None):  # noqa: ANN202
+        result = draft(self, mode, size)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    fast = clean_one(path, _params(resize_policy=policy))
+    assert decoded == [(201, 151)]  # 1/8 scale: 201 ≥ 64 and 151 ≥ 64
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None)
+    full = clean_one(path, _params(resize_policy=policy))
+    upright = (1201, 1603) if orientation in (6, 8) else (1603, 1201)
+    assert fast.original_size == full.original_size == upright
+    diff = np.abs(np.asarray(fast.image, np.int16) - np.asarray(full.image, np.int16))
+    assert diff.mean() < 0.5 and diff.max() <= 24, (diff.mean(), diff.max())
+
+
 def test_default_resolution_512(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     _save(_pattern(5, (300, 200)), raw / "shoe.jpg", quality=90)
@@ -399,7 +438,12 @@ def test_clean_images_outputs_and_reports(raw: Path, tmp_path: Path) -> None:
     assert by_file["10004.png"]["near_duplicate_of"] == "10002.png"
     assert by_file["10002.png"]["near_duplicate_of"] is None
     assert [(p["first"], p["second"]) for p in report.near_duplicates] == [("10002.png", "10004.png")]
-    assert report.near_duplicates[0]["distance"] <= 4
+    assert report.near_duplicates[0]["distance"] <= 4 and report.near_duplicate_count == 1
+    # The colour captions need was measured on the image in memory: the same as reading the PNG back.
+    for rec in records:
+        with Image.open(out / "images" / rec["image_file"]) as im:
+            colour, details = estimate_colour(im)
+        assert rec["colour_estimate"] == {"colour": colour, "details": details}
 
     rejects = {r["source"]: r for r in report.rejects}
     dup = rejects["shoes/10001_copy.jpg"]
@@ -436,7 +480,12 @@ def test_same_stem_gets_content_suffix(tmp_path: Path) -> None:
     assert file_sha256(a)  # sources untouched and readable
 
 
-def test_workers_do_not_change_results_and_raw_is_never_modified(raw: Path, tmp_path: Path) -> None:
+def test_workers_do_not_change_results_and_raw_is_never_modified(
+    raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shoe_lora_pipeline.core.pool as pool
+
+    monkeypatch.setattr(pool, "MIN_ITEMS_FOR_POOL", 1)  # these few files would otherwise run in-process
     before = _snapshot(raw)
     listing = sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*"))
     manifest = scan_raw_dir(raw).manifest
@@ -456,7 +505,7 @@ def test_workers_do_not_change_results_and_raw_is_never_modified(raw: Path, tmp_
 def test_broken_worker_pool_falls_back_in_process(
     raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shoe_lora_pipeline.core.cleaning as cleaning
+    import shoe_lora_pipeline.core.pool as pool
 
     class BrokenPool:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -472,7 +521,8 @@ def test_broken_worker_pool_falls_back_in_process(
             yield fn(jobs[0])  # one result arrives, then the pool dies
             raise BrokenProcessPool("worker killed")
 
-    monkeypatch.setattr(cleaning, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(pool, "ProcessPoolExecutor", BrokenPool)
+    monkeypatch.setattr(pool, "MIN_ITEMS_FOR_POOL", 1)
     with pytest.warns(RuntimeWarning, match="continuing in-process"):
         report = clean_images(scan_raw_dir(raw).manifest, tmp_path / "out", _params(), workers=2)
     assert report.processed_count == 9 and report.valid_count == 4

@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -13,7 +16,7 @@ from shoe_lora_pipeline.assets import STAGES, category_assets
 from shoe_lora_pipeline.definitions import defs
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
-from .conftest import DEMO_RAW_DIR
+from .conftest import DEMO_RAW_DIR, REPO_ROOT
 
 DATA_STAGES = [s.key.to_user_string() for s in STAGES if s.group_names_by_key[s.key] == "dataset"]
 DATA_CHECKS = {
@@ -132,6 +135,24 @@ def test_incremental_rerun_processes_only_new_files(tmp_path: Path, demo_copy: P
     assert result.success
     mats = by_stage(result)
     assert mats["cleaned_images"].materialization.metadata["processed_this_run"].value == 2
+    captions_meta = mats["captions"].materialization.metadata
+    assert captions_meta["captioned_this_run"].value == 2  # the other captions are reused as they were
+    assert captions_meta["reused_unchanged"].value == captions_meta["num_captions"].value - 2
+
+
+def test_data_steps_load_no_torch() -> None:
+    """Loading the code location and the data stage's core never imports torch & co.: a data step
+    (or its process) would otherwise pay seconds for libraries it does not use."""
+    code = (
+        "import sys, shoe_lora_pipeline.definitions\n"
+        "from shoe_lora_pipeline.core import captions, cleaning, manifest, normalise, pool, splits\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_hostile_raw_dir_never_crashes(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.core.captions import build_captions, load_styles, write_captions_json
+from shoe_lora_pipeline.core.captions import build_captions, load_styles, write_captions
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
@@ -33,8 +33,12 @@ def captions(
         template=cfg.dataset.caption_template,
         default_type=cfg.dataset.default_type,
         default_characteristics=cfg.dataset.default_characteristics,
+        previous=layout.captions_json,
     )
-    write_captions_json(result.entries, layout.captions_json)
+    write_captions(result, layout.captions_json)
+    context.log.info(
+        f"captioned {len(result.captioned)} photo(s), reused {result.reused_count} unchanged caption(s)"
+    )
     # A full public styles.csv has tens of thousands of rows that match no photo: log a sample, count all.
     for problem in result.problems[:20]:
         context.log.warning(f"styles/captions: line {problem.get('line')}: {problem['problem']}")
@@ -45,6 +49,8 @@ def captions(
             **config_metadata(cfg),
             "captions_json": dg.MetadataValue.path(str(layout.captions_json)),
             "num_captions": len(result.entries),
+            "captioned_this_run": len(result.captioned),
+            "reused_unchanged": result.reused_count,
             "by_source": dg.MetadataValue.json(dict(result.source_counts)),
             "colours": dg.MetadataValue.json(dict(result.colour_counts)),
             "types": dg.MetadataValue.json(dict(result.type_counts)),

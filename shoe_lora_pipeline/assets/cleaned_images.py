@@ -59,7 +59,7 @@ def cleaned_images(
             "rejected_count": len(report.rejects),
             "rejects_by_reason": dg.MetadataValue.md(md_table(reasons, ["reason", "count"])),
             "rejects": dg.MetadataValue.md(md_table(report.rejects, ["source", "reason_code", "reason"])),
-            "near_duplicates": len(report.near_duplicates),
+            "near_duplicates": report.near_duplicate_count,
             "processed_this_run": report.processed_count,
             "reused_from_cache": report.reused_count,
             "removed_outputs": report.removed_count,

@@ -6,9 +6,8 @@ import dagster as dg
 from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
 from shoe_lora_pipeline.core.config import EvaluationThresholds
-from shoe_lora_pipeline.core.evaluation import check_descriptions, evaluate
+from shoe_lora_pipeline.core.evaluation.checks import check_descriptions
 from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.lora_io import read_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 # The recipe's validation checklist, one Dagster asset check each, worded from core.evaluation.checks.CHECKS
@@ -37,10 +36,15 @@ def evaluation_report(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
+    # Imported here, not at module level: the data steps load this module too and must not pay for torch.
+    from shoe_lora_pipeline.core.evaluation import evaluate
+    from shoe_lora_pipeline.core.lora_io import read_provenance
+
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)
     base_dir = base_model.folder(cfg)
+
     result = evaluate(
         lora=layout.final_pipeline_dir,
         base=base_dir,

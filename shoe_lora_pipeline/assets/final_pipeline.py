@@ -6,7 +6,6 @@ import dagster as dg
 from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata
 from shoe_lora_pipeline.core.layout import Layout
-from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
@@ -22,6 +21,9 @@ from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResour
 def final_pipeline(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
+    # Imported here, not at module level: the data steps load this module too and must not pay for torch.
+    from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
+
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     base_dir = base_model.folder(cfg)

@@ -11,18 +11,20 @@ import contextlib
 import dataclasses
 import shlex
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import MetadataDict, config_metadata, thumbnail_md
 from shoe_lora_pipeline.core.config import PipelineConfig
-from shoe_lora_pipeline.core.device import DeviceInfo
 from shoe_lora_pipeline.core.gpu_slots import lease_gpus, visible_gpus
 from shoe_lora_pipeline.core.launch import TrainArgs, accelerate_command, k8s_pod, resolve_num_processes
-from shoe_lora_pipeline.core.training import TrainingResult
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
-from shoe_lora_pipeline.train import train_category
+
+if TYPE_CHECKING:  # torch-heavy: the data steps load this module too and must not pay for torch
+    from shoe_lora_pipeline.core.device import DeviceInfo
+    from shoe_lora_pipeline.core.training import TrainingResult
 
 GPU_POOL = "gpu"  # training, latent encoding and evaluation own the accelerator
 
@@ -49,6 +51,8 @@ def lora_training(
         context.log.warning(note)
     launcher = cfg.training.launcher
     if launcher == "inprocess":
+        from shoe_lora_pipeline.train import train_category  # torch: loaded by this step only
+
         device_info = device.resolve(cfg)
         context.log.info(f"device: {device_info.type} ({device_info.name}); {device_info.dtype_policy}")
         components = base_model.load(cfg, device_info)
@@ -96,7 +100,7 @@ def gpu_pool_note(instance: dg.DagsterInstance, slots: int) -> str | None:
 def train_with_accelerate(
     context: dg.AssetExecutionContext,
     cfg: PipelineConfig,
-    device_info: DeviceInfo,
+    device_info: "DeviceInfo",
     args: TrainArgs,
     gpu_lock_dir: str = "",
 ) -> dg.MaterializeResult:
@@ -150,7 +154,10 @@ def train_in_pod(
 
 
 def training_metadata(
-    cfg: PipelineConfig, device_info: DeviceInfo, base_model: Mapping[str, str | None], result: TrainingResult
+    cfg: PipelineConfig,
+    device_info: "DeviceInfo",
+    base_model: Mapping[str, str | None],
+    result: "TrainingResult",
 ) -> MetadataDict:
     """The materialisation's metadata, the same from every launcher (the Pipes child reports this too)."""
     metadata = {

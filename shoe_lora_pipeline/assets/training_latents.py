@@ -5,7 +5,6 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_of
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.core.latents import cache_latents, has_images
 from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
@@ -27,12 +26,17 @@ def training_latents(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
+    # Imported here, not at module level: the data steps load this module too and must not pay for torch.
+    from shoe_lora_pipeline.core.latents import cache_latents
+
     cfg = pipeline_config.get(category_of(context))
     layout = Layout.of(cfg)
     device_info = device.resolve(cfg)
     if not cfg.training.cache_latents:
         context.log.info("training.cache_latents is false: lora_training encodes images on the fly")
         return dg.MaterializeResult(metadata={**config_metadata(cfg, device_info), "cache_latents": False})
+
+    from shoe_lora_pipeline.core.latents import has_images  # torch: this step only
 
     components = base_model.load(cfg, device_info)
     encode = {

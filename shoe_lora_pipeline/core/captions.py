@@ -1,25 +1,28 @@
-"""Captions stage core: one caption per cleaned image, in the seed's ``captions.json`` format.
+"""Captions stage core: one caption per cleaned image, in the recipe's ``captions.json`` format.
 
 Caption sources, best first:
 
 1. ``sidecar``: a text file next to the raw photo (``raw_dir/<source>.txt``), written by a person.
-2. ``styles``: the image's row in ``styles.csv`` (Kaggle fashion-product-images layout), matched on
-   the raw file stem (``record["id"]``).
-3. ``estimated``: colour measured from the pixels, ``default_type``, ``default_characteristics``.
+2. ``metadata``: the photo's line in ``raw_dir/metadata.jsonl`` (the Hugging Face ``imagefolder``
+   layout: one ``{"file_name": ..., "text": ...}`` object per line, ``file_name`` relative to raw_dir).
+3. ``styles``: the image's row in ``styles.csv`` (Kaggle fashion-product-images layout), matched on
+   the raw file stem (``record["id"]``); see :mod:`.styles` for the words it gives.
+4. ``estimated``: the colour measured from the pixels (by the cleaning stage, stored in the cleaned
+   manifest), ``default_type``, ``default_characteristics``.
 
-Type rule (so that ``{type} shoes`` reads naturally): a type phrase whose last word is itself a
-footwear noun ("casual sneakers", "sandals", "heels", "flip flops") swallows the template's literal
-"shoes" that follows ``{type}``; any other type phrase is an adjective and keeps it ("casual" ->
-"casual shoes"). A material named in ``productDisplayName`` (leather, suede, canvas, mesh) is put in
-front of the type so that the validation prompts are reachable verbatim, e.g. "brown leather casual
-shoes" and "white casual sneakers".
+Incremental: every caption has a key, the hash of its photo's cleaned-manifest record (raw content
+hash, id, source, measured colour) and of everything its sources say about that photo (sidecar text,
+metadata.jsonl line, styles.csv row) plus the template, the defaults and the vocabulary version. A
+photo whose key is unchanged keeps its previous entry; so an edited styles.csv row re-captions exactly
+the photos with that id, and a new photo is the only one captioned.
 
 This module imports no Dagster; the asset wraps it.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -29,519 +32,38 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from shoe_lora_pipeline.core.fsutil import atomic_write_json
+from shoe_lora_pipeline.core.fsutil import atomic_write_json, file_sha256
 
-# ----------------------------------------------------------------------------------------------
-# styles.csv
-# ----------------------------------------------------------------------------------------------
-
-STYLES_COLUMNS = (
-    "id",
-    "gender",
-    "masterCategory",
-    "subCategory",
-    "articleType",
-    "baseColour",
-    "season",
-    "year",
-    "usage",
-    "productDisplayName",
-)
-_ID_RE = re.compile(r"[0-9]{1,18}")
-# A whole file of garbage should not become a million problems: stop listing (but keep counting).
-MAX_LISTED_STYLES_PROBLEMS = 1000
-
-
-@dataclass(frozen=True)
-class StyleRow:
-    """One well-formed ``styles.csv`` row; ``line`` is its first physical line (1-based)."""
-
-    id: str
-    line: int
-    gender: str = ""
-    master_category: str = ""
-    sub_category: str = ""
-    article_type: str = ""
-    base_colour: str = ""
-    season: str = ""
-    year: str = ""
-    usage: str = ""
-    product_display_name: str = ""
-
-
-@dataclass
-class StylesTable:
-    """Parsed ``styles.csv``: valid rows by id, plus every row that was refused and why.
-
-    ``problems`` entries are ``{"line": n, "id": raw value, "problem": text, "kind": code}`` with
-    kind one of ``malformed``, ``missing_id``, ``path_like_id``, ``non_numeric_id``,
-    ``duplicate_id``, ``bad_header``, ``unreadable``.
-    """
-
-    path: Path | None = None
-    rows: dict[str, StyleRow] = field(default_factory=dict)
-    problems: list[dict[str, Any]] = field(default_factory=list)
-    problem_count: int = 0
-    notes: list[str] = field(default_factory=list)
-    lines_read: int = 0
-
-    def get(self, image_id: str) -> StyleRow | None:
-        return self.rows.get(image_id)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _report(self, line: int, raw_id: Any, problem: str, kind: str) -> None:
-        self.problem_count += 1
-        if len(self.problems) < MAX_LISTED_STYLES_PROBLEMS:
-            self.problems.append({"line": line, "id": raw_id, "problem": problem, "kind": kind})
-
-
-def _id_problem(raw_id: str) -> tuple[str, str] | None:
-    """Why ``raw_id`` cannot be used as an image id, or None. Ids are only ever compared, never
-    opened, but a path-like id is a sign of a hostile or broken file and is reported as such."""
-    if raw_id == "":
-        return "missing_id", "missing id"
-    if (
-        "/" in raw_id
-        or "\\" in raw_id
-        or ".." in raw_id
-        or os.path.isabs(raw_id)
-        or re.match(r"^[A-Za-z]:", raw_id)
-    ):
-        return "path_like_id", f"path-like id {raw_id!r} refused"
-    if not _ID_RE.fullmatch(raw_id):
-        return "non_numeric_id", f"non-numeric id {raw_id!r}"
-    return None
-
-
-def load_styles(csv_path: Path | None) -> StylesTable:
-    """Parse a fashion-product-images ``styles.csv`` robustly.
-
-    Rows with the wrong number of fields (the real file has unquoted commas in
-    ``productDisplayName``), a missing, non-numeric or path-like id, or a repeated id (the first one
-    wins) are reported in ``problems`` and skipped, never guessed at. A missing file gives an empty
-    table with one note: captions can then still come from sidecars or pixels.
-    """
-    table = StylesTable(path=Path(csv_path) if csv_path is not None else None)
-    if csv_path is None:
-        table.notes.append("no styles.csv configured; captions come from sidecars or pixels")
-        return table
-    path = Path(csv_path)
-    if not path.is_file():
-        table.notes.append(f"styles file {path} not found; captions come from sidecars or pixels")
-        return table
-    try:
-        # utf-8-sig drops a BOM (which would otherwise glue itself to the "id" header); undecodable
-        # bytes become U+FFFD instead of aborting the whole file.
-        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
-            _parse_styles(fh, table)
-    except OSError as exc:
-        table._report(0, None, f"cannot read {path}: {exc}", "unreadable")
-        table.rows.clear()
-    return table
-
-
-def _parse_styles(fh: Any, table: StylesTable) -> None:
-    reader = csv.reader(fh, strict=False)
-    header: list[str] | None = None
-    col: dict[str, int] = {}
-    prev_line = 0
-    while True:
-        start = prev_line + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            # e.g. a field over csv.field_size_limit(); the reader resumes on the next line.
-            table._report(start, None, f"unparseable line: {exc}", "malformed")
-            if reader.line_num == prev_line:  # no progress: give up rather than spin
-                break
-            prev_line = reader.line_num
-            continue
-        prev_line = reader.line_num
-        table.lines_read = reader.line_num
-        if not fields or all(not f.strip() for f in fields):
-            continue  # blank line
-        if header is None:
-            header = [h.strip() for h in fields]
-            col = {name: i for i, name in enumerate(header)}
-            if "id" not in col:
-                table._report(start, None, f"header has no 'id' column: {header[:12]!r}", "bad_header")
-                return
-            missing = [c for c in STYLES_COLUMNS if c not in col]
-            if missing:
-                table.notes.append(
-                    f"styles header lacks columns {missing}; those values are treated as empty"
-                )
-            continue
-        raw_id = fields[col["id"]].strip() if col["id"] < len(fields) else ""
-        if len(fields) != len(header):
-            table._report(
-                start,
-                raw_id,
-                f"malformed row: {len(fields)} fields, header has {len(header)} "
-                "(unquoted comma in a value?); row skipped",
-                "malformed",
-            )
-            continue
-        bad = _id_problem(raw_id)
-        if bad is not None:
-            table._report(start, raw_id, bad[1], bad[0])
-            continue
-        if raw_id in table.rows:
-            first = table.rows[raw_id].line
-            table._report(start, raw_id, f"duplicate id {raw_id}: line {first} is used", "duplicate_id")
-            continue
-
-        values = {name: fields[i].strip() for name, i in col.items()}
-
-        def get(name: str, values: dict[str, str] = values) -> str:
-            return values.get(name, "")
-
-        table.rows[raw_id] = StyleRow(
-            id=raw_id,
-            line=start,
-            gender=get("gender"),
-            master_category=get("masterCategory"),
-            sub_category=get("subCategory"),
-            article_type=get("articleType"),
-            base_colour=get("baseColour"),
-            season=get("season"),
-            year=get("year"),
-            usage=get("usage"),
-            product_display_name=get("productDisplayName"),
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Words: colour, type, characteristics
-# ----------------------------------------------------------------------------------------------
-
-# baseColour (lower-case) -> caption colour word. Near-synonyms collapse to the seed's vocabulary
-# so that the LoRA sees each colour word often.
-COLOUR_WORDS: dict[str, str] = {
-    "black": "black",
-    "white": "white",
-    "off white": "off-white",
-    "cream": "off-white",
-    "grey": "grey",
-    "gray": "grey",
-    "grey melange": "grey",
-    "steel": "grey",
-    "charcoal": "charcoal",
-    "silver": "silver",
-    "brown": "brown",
-    "coffee brown": "brown",
-    "mushroom brown": "brown",
-    "bronze": "bronze",
-    "copper": "copper",
-    "tan": "tan",
-    "khaki": "khaki",
-    "beige": "beige",
-    "nude": "beige",
-    "skin": "beige",
-    "taupe": "taupe",
-    "blue": "blue",
-    "navy blue": "navy",
-    "navy": "navy",
-    "turquoise blue": "turquoise",
-    "teal": "teal",
-    "red": "red",
-    "maroon": "maroon",
-    "burgundy": "burgundy",
-    "rust": "rust",
-    "green": "green",
-    "olive": "olive",
-    "sea green": "green",
-    "lime green": "green",
-    "fluorescent green": "green",
-    "yellow": "yellow",
-    "mustard": "mustard",
-    "gold": "gold",
-    "orange": "orange",
-    "peach": "peach",
-    "pink": "pink",
-    "rose": "pink",
-    "magenta": "magenta",
-    "purple": "purple",
-    "lavender": "lavender",
-    "mauve": "mauve",
-    "multi": "multicolour",
-    "metallic": "metallic",
-}
-_NO_COLOUR = {"", "na", "n/a", "none", "null", "nan", "-"}
-_PLAIN_WORDS_RE = re.compile(r"[a-z]+(?:[ -][a-z]+){0,2}")
-
-# articleType (lower-case) -> type phrase; a phrase ending in a footwear noun replaces "shoes".
-ARTICLE_TYPES: dict[str, str] = {
-    "casual shoes": "casual",
-    "sports shoes": "sports",
-    "formal shoes": "formal",
-    "sneakers": "casual sneakers",
-    "flats": "flat",
-    "heels": "heels",
-    "sandals": "sandals",
-    "sports sandals": "sports sandals",
-    "flip flops": "flip flops",
-    "booties": "booties",
-    "boots": "boots",
-    "loafers": "loafers",
-}
-# articleTypes in the Footwear category that are not shoes at all.
-NON_SHOE_ARTICLES = {"shoe accessories", "shoe laces", "socks"}
-# Adjective types that a more specific noun in the product name may refine ("casual" + Sneakers).
-_REFINABLE = {"casual", "sports", "formal"}
-_NAME_NOUNS = (
-    (re.compile(r"\bsneakers?\b", re.I), "sneakers"),
-    (re.compile(r"\bloafers?\b", re.I), "loafers"),
-    (re.compile(r"\bmoccasins?\b", re.I), "moccasins"),
-    (re.compile(r"\bboots?\b", re.I), "boots"),
-)
-USAGE_TYPES = {"casual": "casual", "sports": "sports", "formal": "formal", "smart casual": "smart casual"}
-FOOTWEAR_NOUNS = {
-    "shoe",
-    "shoes",
-    "sneakers",
-    "trainers",
-    "sandals",
-    "heels",
-    "pumps",
-    "flats",
-    "flops",
-    "boots",
-    "booties",
-    "loafers",
-    "moccasins",
-    "slippers",
-    "slides",
-    "clogs",
-    "mules",
-    "brogues",
-    "oxfords",
-    "espadrilles",
-}
-_MATERIALS = (
-    (re.compile(r"\bsuede\b", re.I), "suede"),
-    (re.compile(r"\bcanvas\b", re.I), "canvas"),
-    (re.compile(r"(?<!faux )(?<!synthetic )(?<!pu )(?<!artificial )\bleather\b", re.I), "leather"),
-    (re.compile(r"\bmesh\b", re.I), "mesh"),
-)
-_FEATURES = (
-    (re.compile(r"\blace[- ]?ups?\b", re.I), "lace-up"),
-    (re.compile(r"\bslip[- ]?ons?\b", re.I), "slip-on"),
-    (re.compile(r"\bvelcro\b", re.I), "velcro strap"),
-    (re.compile(r"\b(?:high|hi)[- ]?tops?\b", re.I), "high-top"),
-    (re.compile(r"\bmid[- ]?tops?\b", re.I), "mid-top"),
+# Re-exported: callers and tests reach the colour and styles helpers through this module too.
+from .colour import COLOUR_PALETTE, estimate_colour, nearest_colour_name, srgb_to_lab  # noqa: F401
+from .styles import (  # noqa: F401
+    ARTICLE_TYPES,
+    COLOUR_WORDS,
+    MAX_LISTED_STYLES_PROBLEMS,
+    NON_SHOE_ARTICLES,
+    STYLES_COLUMNS,
+    VOCABULARY_VERSION,
+    StyleRow,
+    StylesTable,
+    colour_word,
+    features_from_name,
+    load_styles,
+    material_from_name,
+    render_caption,
+    type_from_style,
 )
 
-
-def colour_word(base_colour: str) -> str | None:
-    """Caption colour word for a ``baseColour`` value, or None when it names no usable colour."""
-    key = " ".join(base_colour.strip().lower().split())
-    if key in _NO_COLOUR:
-        return None
-    if key in COLOUR_WORDS:
-        return COLOUR_WORDS[key]
-    # An unlisted but plain colour name ("sky blue") is used as written; anything else is not
-    # trusted into a prompt.
-    return key if _PLAIN_WORDS_RE.fullmatch(key) else None
-
-
-def type_from_style(row: StyleRow, default_type: str) -> tuple[str, bool]:
-    """(type phrase, known) from articleType, refined by the product name; usage as fallback."""
-    article = " ".join(row.article_type.lower().split())
-    phrase = ARTICLE_TYPES.get(article)
-    if phrase is None:
-        phrase = USAGE_TYPES.get(" ".join(row.usage.lower().split()))
-        if phrase is None:
-            return default_type, False
-    if phrase in _REFINABLE:
-        for pattern, noun in _NAME_NOUNS:
-            if pattern.search(row.product_display_name):
-                return f"{phrase} {noun}", True
-    return phrase, True
-
-
-def material_from_name(name: str) -> str | None:
-    for pattern, word in _MATERIALS:
-        if pattern.search(name):
-            return word
-    return None
-
-
-def features_from_name(name: str) -> list[str]:
-    return [word for pattern, word in _FEATURES if pattern.search(name)]
-
-
-def render_caption(template: str, colour: str, type_phrase: str, characteristics: str) -> str:
-    """Fill the template; a type phrase ending in a footwear noun absorbs the template's "shoes".
-
-    Placeholders are substituted literally (not ``str.format``) so stray braces in a template are
-    harmless; doubled spaces and empty ", ," left by empty values are tidied.
-    """
-    words = type_phrase.split()
-    if words and words[-1].lower() in FOOTWEAR_NOUNS:
-        template = re.sub(r"\{type\}\s+shoes?\b", "{type}", template)
-    text = (
-        template.replace("{colour}", colour.strip())
-        .replace("{type}", type_phrase.strip())
-        .replace("{characteristics}", characteristics.strip())
-    )
-    text = re.sub(r"\s*,\s*(?=,)", "", text)  # ", ," from an empty characteristics
-    text = re.sub(r"\s+,", ",", text)
-    return " ".join(text.split())
-
-
-# ----------------------------------------------------------------------------------------------
-# Colour from pixels
-# ----------------------------------------------------------------------------------------------
-
-# Several sRGB prototypes per name: a name covers a range (light/dark blue are both "blue").
-COLOUR_PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
-    ("black", (20, 20, 20)),
-    ("black", (45, 45, 48)),
-    ("grey", (80, 80, 80)),
-    ("grey", (128, 128, 128)),
-    ("grey", (180, 180, 180)),
-    ("white", (235, 235, 235)),
-    ("white", (250, 250, 250)),
-    ("brown", (70, 45, 25)),
-    ("brown", (105, 65, 35)),
-    ("brown", (140, 90, 50)),
-    ("tan", (190, 140, 90)),
-    ("beige", (220, 200, 165)),
-    ("navy", (20, 25, 60)),
-    ("navy", (35, 45, 90)),
-    ("blue", (40, 80, 180)),
-    ("blue", (30, 60, 140)),
-    ("blue", (90, 140, 210)),
-    ("red", (200, 30, 35)),
-    ("red", (150, 25, 30)),
-    ("green", (40, 130, 60)),
-    ("green", (70, 100, 45)),
-    ("yellow", (230, 200, 40)),
-    ("orange", (235, 120, 30)),
-    ("pink", (235, 150, 180)),
-    ("purple", (110, 50, 130)),
-)
-FOREGROUND_DISTANCE = 10.0  # RGB distance from the background colour that counts as "object"
-MIN_FOREGROUND_FRACTION = 0.005  # below this the shoe is (nearly) invisible on white: call it white
-BORDER_FRACTION = 0.02
-_ANALYSIS_SIDE = 256  # colour needs no detail: analyse a small copy (fast, and averages JPEG noise)
-
-
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (0-255, shape (..., 3)) to CIE L*a*b* (D65)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    m = np.array(
-        [
-            [0.4124564, 0.3575761, 0.1804375],
-            [0.2126729, 0.7151522, 0.0721750],
-            [0.0193339, 0.1191920, 0.9503041],
-        ]
-    )
-    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
-    eps, kappa = 216 / 24389, 24389 / 27
-    f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
-    lab = np.stack(
-        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1
-    )
-    return lab
-
-
-_PALETTE_NAMES = [name for name, _ in COLOUR_PALETTE]
-_PALETTE_LAB = srgb_to_lab(np.array([rgb for _, rgb in COLOUR_PALETTE], dtype=np.float64))
-
-
-def nearest_colour_name(rgb: np.ndarray | tuple[float, float, float]) -> tuple[str, float, str, float]:
-    """(best name, its ΔE76, runner-up name of a different colour, its ΔE76)."""
-    lab = srgb_to_lab(np.asarray(rgb, dtype=np.float64))
-    d = np.linalg.norm(_PALETTE_LAB - lab, axis=1)
-    order = np.argsort(d, kind="stable")
-    best = _PALETTE_NAMES[order[0]]
-    second = next((i for i in order[1:] if _PALETTE_NAMES[i] != best), order[0])
-    return best, float(d[order[0]]), _PALETTE_NAMES[second], float(d[second])
-
-
-def estimate_colour(image: Image.Image) -> tuple[str, dict[str, Any]]:
-    """Name the shoe's colour from its pixels.
-
-    The background colour is the median of a thin border (falling back to pure white when the border
-    is not near-white, e.g. a shoe touching the frame); foreground is every inner pixel farther than
-    ``FOREGROUND_DISTANCE`` from it. The threshold is deliberately low so that a white shoe's light
-    body counts as foreground (a "channel < 235" rule would keep only its grey outline and call it
-    grey). The per-channel median of the foreground is named by the nearest palette colour in CIE
-    Lab (ΔE76). An (almost) empty foreground means a white shoe on white: "white", low confidence.
-    """
-    img = image.convert("RGB")
-    if max(img.size) > _ANALYSIS_SIDE:
-        img = img.copy()
-        img.thumbnail((_ANALYSIS_SIDE, _ANALYSIS_SIDE), Image.Resampling.BOX)
-    arr = np.asarray(img, dtype=np.float32)
-    h, w = arr.shape[:2]
-    b = max(1, round(BORDER_FRACTION * min(h, w)))
-    if h <= 2 * b + 1 or w <= 2 * b + 1:
-        b = 0
-    white = np.array([255.0, 255.0, 255.0], dtype=np.float32)
-    if b:
-        ring = np.concatenate(
-            [
-                arr[:b].reshape(-1, 3),
-                arr[-b:].reshape(-1, 3),
-                arr[b:-b, :b].reshape(-1, 3),
-                arr[b:-b, -b:].reshape(-1, 3),
-            ]
-        )
-        background = np.median(ring, axis=0)
-        inner = arr[b:-b, b:-b]
-    else:
-        background = white
-        inner = arr
-    if float(np.linalg.norm(background - white)) > 40.0:
-        background = white
-    pixels = inner.reshape(-1, 3)
-    dist = np.linalg.norm(pixels - background, axis=1)
-    fg = pixels[dist > FOREGROUND_DISTANCE]
-    fraction = float(len(fg)) / max(1, len(pixels))
-    details: dict[str, Any] = {
-        "foreground_fraction": round(fraction, 4),
-        "background_rgb": [int(round(float(v))) for v in background],
-    }
-    if fraction < MIN_FOREGROUND_FRACTION:
-        details.update({"median_rgb": None, "delta_e": None, "confidence": "low", "reason": "no foreground"})
-        return "white", details
-    median = np.median(fg, axis=0)
-    name, de, second, de2 = nearest_colour_name(median)
-    # Confident when the colour sits close to a palette entry and clearly nearer than any other name.
-    confidence = "high" if de < 20 and de2 - de > 5 else "low"
-    details.update(
-        {
-            "median_rgb": [int(round(float(v))) for v in median],
-            "delta_e": round(de, 2),
-            "runner_up": second,
-            "runner_up_delta_e": round(de2, 2),
-            "confidence": confidence,
-        }
-    )
-    return name, details
-
-
-# ----------------------------------------------------------------------------------------------
-# Building captions
-# ----------------------------------------------------------------------------------------------
-
+CAPTION_SOURCES = ("sidecar", "metadata", "styles", "estimated")
+METADATA_JSONL = "metadata.jsonl"
 MAX_SIDECAR_BYTES = 4096
 MAX_CAPTION_CHARS = 400  # ~77 CLIP tokens; longer text is truncated by the text encoder anyway
+CACHE_VERSION = 1
 
 
 class CaptionsFormatError(ValueError):
-    """A captions.json (or manifest) is not in the expected format; the message names file and entry."""
+    """A captions.json, manifest or metadata.jsonl is malformed; the message names the file and entry/line."""
 
 
 @dataclass
@@ -555,11 +77,19 @@ class CaptionsResult:
     notes: list[str] = field(default_factory=list)
     styles_rows: int = 0
     styles_matched: int = 0
+    keys: dict[str, str] = field(default_factory=dict)  # image_file -> caption key (see module doc)
+    captioned: list[str] = field(default_factory=list)  # image files (re)captioned in this run
+    reused_count: int = 0  # entries kept from the previous run (key unchanged)
 
     @property
     def counts_by_source(self) -> dict[str, int]:
         """Alias of ``source_counts`` (the name the captions asset uses)."""
         return self.source_counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: sidecar .txt, metadata.jsonl, the cleaned manifest
+# ----------------------------------------------------------------------------------------------
 
 
 def _plain_filename(value: Any) -> bool:
@@ -582,19 +112,27 @@ def _safe_relative_source(source: Any) -> PurePosixPath | None:
     return p
 
 
-def read_sidecar(raw_dir: Path, source: str) -> tuple[str | None, str | None, str | None]:
+def clean_caption_text(text: str) -> str:
+    """One line of plain text: whitespace runs (newlines included) collapse, control characters go."""
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\n\t\r ")
+    return " ".join(text.split())
+
+
+def read_sidecar(
+    raw_dir: Path, source: str, root: Path | None = None
+) -> tuple[str | None, str | None, str | None]:
     """(caption, problem, sidecar path) for ``raw_dir/<source with .txt suffix>``.
 
     No file: (None, None, path). A file that escapes ``raw_dir`` (``..``, absolute, or a symlink
     pointing outside), is not a regular file, is not UTF-8, is empty or too long is a problem and is
-    not used.
+    not used. ``root``: ``raw_dir.resolve()``, when the caller has it already (one call per photo).
     """
     rel = _safe_relative_source(source)
     if rel is None:
         return None, f"source path {source!r} is not a safe relative path; sidecar not looked up", None
     rel_txt = rel.with_suffix(".txt")
     shown = rel_txt.as_posix()
-    root = raw_dir.resolve()
+    root = raw_dir.resolve() if root is None else root
     candidate = raw_dir.joinpath(*rel_txt.parts)
     if not os.path.lexists(candidate):
         return None, None, shown
@@ -614,9 +152,7 @@ def read_sidecar(raw_dir: Path, source: str) -> tuple[str | None, str | None, st
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         return None, f"sidecar {shown} is not UTF-8 ({exc.reason}); ignored", shown
-    # One line of plain text: whitespace runs (newlines included) collapse, control chars go.
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\n\t\r ")
-    text = " ".join(text.split())
+    text = clean_caption_text(text)
     if not text:
         return None, f"sidecar {shown} is empty; ignored", shown
     if len(text) > MAX_CAPTION_CHARS:
@@ -650,7 +186,282 @@ def read_manifest(cleaned_dir: Path) -> list[dict[str, Any]]:
         size = rec.get("original_size")
         if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) for v in size)):
             raise CaptionsFormatError(f"{where} ({rec['image_file']}): original_size {size!r} must be [w, h]")
+        est = rec.get("colour_estimate")
+        if est is not None and not (
+            isinstance(est, dict)
+            and isinstance(est.get("colour"), str)
+            and isinstance(est.get("details"), dict)
+        ):
+            raise CaptionsFormatError(
+                f"{where} ({rec['image_file']}): colour_estimate must be {{'colour': name, 'details': {{...}}}}"
+            )
     return records
+
+
+@dataclass
+class MetadataCaptions:
+    """Captions from ``raw_dir/metadata.jsonl``: by photo path (relative to raw_dir, posix)."""
+
+    path: Path | None = None
+    # rel path -> (caption or None, line, problem or None); a problem line's caption is not used.
+    by_source: dict[str, tuple[str | None, int, str | None]] = field(default_factory=dict)
+
+    def get(self, source: str) -> tuple[str | None, int, str | None] | None:
+        return self.by_source.get(source)
+
+
+def _metadata_line(path: Path, lineno: int, raw: bytes) -> tuple[str, str] | None:
+    """(file_name as a posix path, text) of one metadata.jsonl line; None for a blank line."""
+    where = f"{path}, line {lineno}"
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise CaptionsFormatError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise CaptionsFormatError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise CaptionsFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    name, text = obj.get("file_name"), obj.get("text")
+    rel = _safe_relative_source(name)
+    if rel is None:
+        raise CaptionsFormatError(
+            f"{where}: file_name {name!r} must be a relative path inside the raw folder (imagefolder layout)"
+        )
+    if not isinstance(text, str):
+        raise CaptionsFormatError(f"{where}: 'text' must be a string (the caption), got {text!r}")
+    return rel.as_posix(), text
+
+
+def load_metadata_jsonl(raw_dir: Path) -> MetadataCaptions:
+    """Parse ``raw_dir/metadata.jsonl`` if there is one (an empty result otherwise).
+
+    A line that is not a JSON object with a relative ``file_name`` and a string ``text``, or that
+    repeats a ``file_name``, is an error naming the file and line: the file is machine-written, so a
+    bad line means the whole file cannot be trusted. An empty or over-long caption is a problem and
+    that photo falls through to its styles.csv row.
+    """
+    path = Path(raw_dir) / METADATA_JSONL
+    if not path.is_file():
+        return MetadataCaptions()
+    result = MetadataCaptions(path=path)
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            parsed = _metadata_line(path, lineno, raw)
+            if parsed is None:
+                continue
+            name, text = parsed
+            if name in result.by_source:
+                first = result.by_source[name][1]
+                raise CaptionsFormatError(
+                    f"{path}, line {lineno}: duplicate file_name {name!r} (first on line {first})"
+                )
+            text = clean_caption_text(text)
+            problem = None
+            if not text:
+                problem = f"{METADATA_JSONL} line {lineno}: empty text for {name}; ignored"
+            elif len(text) > MAX_CAPTION_CHARS:
+                problem = (
+                    f"{METADATA_JSONL} line {lineno}: text for {name} has {len(text)} characters "
+                    f"(max {MAX_CAPTION_CHARS}); ignored"
+                )
+            result.by_source[name] = (None if problem else text, lineno, problem)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Building captions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """The config's caption settings (part of every caption's key)."""
+
+    template: str
+    default_type: str
+    default_characteristics: str
+
+
+@dataclass(frozen=True)
+class PhotoSources:
+    """What the caption sources say about one photo."""
+
+    sidecar: str | None = None
+    sidecar_path: str | None = None
+    sidecar_problem: str | None = None
+    metadata: str | None = None
+    metadata_line: int | None = None
+    metadata_problem: str | None = None
+    row: StyleRow | None = None
+
+
+def gather_sources(
+    rec: dict[str, Any], raw_root: Path, styles: StylesTable, metadata: MetadataCaptions
+) -> PhotoSources:
+    """Read the photo's sidecar and look up its metadata.jsonl line and styles.csv row."""
+    source = str(rec.get("source", ""))
+    text, problem, path = read_sidecar(raw_root, source, root=raw_root)
+    meta_text, meta_line, meta_problem = metadata.get(source) or (None, None, None)
+    return PhotoSources(
+        text, path, problem, meta_text, meta_line, meta_problem, styles.get(str(rec.get("id", "")))
+    )
+
+
+def caption_key(rec: dict[str, Any], src: PhotoSources, settings: CaptionSettings) -> str:
+    """Hash of everything a photo's caption entry is made from (see the module doc)."""
+    payload = {
+        "vocabulary": VOCABULARY_VERSION,
+        "record": rec,
+        "sources": dataclasses.asdict(src),
+        "settings": dataclasses.asdict(settings),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _not_footwear(row: StyleRow) -> bool:
+    return row.article_type.lower().strip() in NON_SHOE_ARTICLES or bool(
+        row.master_category and row.master_category.lower() != "footwear"
+    )
+
+
+def photo_problems(image_file: str, src: PhotoSources) -> list[dict[str, Any]]:
+    """The problems the sources show for one photo (reported on every run, reused entry or not)."""
+    problems: list[dict[str, Any]] = []
+    if src.sidecar_problem:
+        problems.append(
+            {
+                "kind": "bad_sidecar",
+                "image_file": image_file,
+                "sidecar": src.sidecar_path,
+                "problem": src.sidecar_problem,
+            }
+        )
+    if src.metadata_problem:
+        problems.append(
+            {
+                "kind": "bad_metadata",
+                "line": src.metadata_line,
+                "image_file": image_file,
+                "problem": src.metadata_problem,
+            }
+        )
+    row = src.row
+    if row is not None and _not_footwear(row):
+        problems.append(
+            {
+                "kind": "not_footwear",
+                "line": row.line,
+                "id": row.id,
+                "image_file": image_file,
+                "problem": f"styles row is {row.master_category}/{row.article_type}, not a shoe; its type is not used",
+            }
+        )
+    return problems
+
+
+def _styles_words(
+    row: StyleRow, default_type: str, meta: dict[str, Any]
+) -> tuple[str, str | None, str | None, list[str]]:
+    """(type phrase, colour word, material, features) from a styles row; records their origin in meta."""
+    if _not_footwear(row):
+        type_phrase, type_known = default_type, False
+    else:
+        type_phrase, type_known = type_from_style(row, default_type)
+    colour = colour_word(row.base_colour)
+    material = material_from_name(row.product_display_name)
+    meta["colour_source"] = "styles" if colour else None
+    meta["type_source"] = "styles" if type_known else "default"
+    meta["styles_line"] = row.line
+    if material:
+        meta["material"] = material
+    return type_phrase, colour, material, features_from_name(row.product_display_name)
+
+
+def _pixel_colour(rec: dict[str, Any], cleaned_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The colour the cleaning stage measured; read from the PNG only for a manifest without it."""
+    est = rec.get("colour_estimate")
+    if est is not None:
+        return est["colour"], dict(est["details"])
+    path = cleaned_dir / "images" / rec["image_file"]
+    try:
+        with Image.open(path) as img:
+            return estimate_colour(img)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"cleaned image {path} listed in the manifest is missing") from exc
+
+
+def caption_entry(
+    rec: dict[str, Any], src: PhotoSources, settings: CaptionSettings, cleaned_dir: Path
+) -> dict[str, Any]:
+    """One captions.json entry: sidecar > metadata.jsonl > styles row > colour from the pixels."""
+    meta: dict[str, Any] = {"original_size": list(rec["original_size"]), "processed": True}
+    colour: str | None = None
+    type_word: str | None = None
+    if src.row is not None:
+        type_word, colour, material, features = _styles_words(src.row, settings.default_type, meta)
+    if src.sidecar is not None:
+        caption = src.sidecar
+        meta.update({"caption_source": "sidecar", "sidecar": src.sidecar_path})
+    elif src.metadata is not None:
+        caption = src.metadata
+        meta.update({"caption_source": "metadata", "metadata_line": src.metadata_line})
+    elif src.row is not None:
+        if colour is None:
+            colour, details = _pixel_colour(rec, cleaned_dir)
+            meta.update({"colour_source": "pixels", "colour_estimate": details})
+        characteristics = ", ".join(features) if features else settings.default_characteristics
+        full_type = f"{material} {type_word}" if material else type_word
+        caption = render_caption(settings.template, colour, full_type, characteristics)
+        meta.update({"caption_source": "styles", "characteristics": characteristics})
+    else:
+        colour, details = _pixel_colour(rec, cleaned_dir)
+        type_word = settings.default_type
+        caption = render_caption(settings.template, colour, type_word, settings.default_characteristics)
+        meta.update(
+            {
+                "caption_source": "estimated",
+                "colour_source": "pixels",
+                "type_source": "default",
+                "colour_estimate": details,
+                "characteristics": settings.default_characteristics,
+            }
+        )
+    meta["colour"] = colour
+    meta["type"] = type_word
+    for key in ("id", "source", "source_sha256", "near_duplicate_of"):
+        if key in rec:
+            meta[key] = rec[key]
+    return {"image_file": rec["image_file"], "caption": caption, "metadata": meta}
+
+
+def _sorted_counts(counter: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _unmatched_problems(
+    styles: StylesTable, matched_ids: set[str], metadata: MetadataCaptions, matched_sources: set[str]
+) -> list[dict[str, Any]]:
+    """Styles rows and metadata.jsonl lines that name no kept image (e.g. a photo cleaning rejected)."""
+    problems = [
+        {"kind": "unmatched", "line": row.line, "id": row.id, "problem": "styles row matches no kept image"}
+        for row in styles.rows.values()
+        if row.id not in matched_ids
+    ]
+    problems += [
+        {
+            "kind": "unmatched_metadata",
+            "line": line,
+            "problem": f"{METADATA_JSONL} line {line}: {name} is not a kept image",
+        }
+        for name, (_, line, _) in metadata.by_source.items()
+        if name not in matched_sources
+    ]
+    return problems
 
 
 def build_captions(
@@ -660,132 +471,109 @@ def build_captions(
     template: str,
     default_type: str,
     default_characteristics: str,
+    previous: Path | None = None,
 ) -> CaptionsResult:
-    """Caption every record of ``cleaned_dir/manifest.json`` (sidecar > styles row > pixels).
+    """Caption every record of ``cleaned_dir/manifest.json`` (sidecar > metadata.jsonl > styles > pixels).
 
-    ``problems`` holds the styles problems, one ``unmatched`` entry per styles row that names no
-    kept image, ``not_footwear`` rows and ``bad_sidecar`` entries (``{"kind", "problem",
-    "image_file", "sidecar"}``). Entries are sorted by ``image_file``.
+    ``previous``: the captions.json an earlier run wrote with :func:`write_captions`; its entries
+    whose key is unchanged are reused (``reused_count``), every other photo is captioned
+    (``captioned``). ``problems`` holds the styles problems, one ``unmatched`` entry per styles row
+    that names no kept image, ``unmatched_metadata`` per such metadata.jsonl line, and per photo
+    ``not_footwear``, ``bad_sidecar`` and ``bad_metadata`` entries. Entries are sorted by ``image_file``.
     """
-    cleaned_dir = Path(cleaned_dir)
-    raw_dir = Path(raw_dir)
-    records = sorted(read_manifest(cleaned_dir), key=lambda r: r["image_file"])
-    problems: list[dict[str, Any]] = list(styles.problems)
+    cleaned_dir, raw_dir = Path(cleaned_dir), Path(raw_dir)
+    settings = CaptionSettings(template, default_type, default_characteristics)
+    metadata = load_metadata_jsonl(raw_dir)
+    old = load_previous_captions(previous)
+    raw_root = raw_dir.resolve()
+    result = CaptionsResult([], {}, list(styles.problems), {}, {}, {}, notes=list(styles.notes))
     problem_counts: Counter[str] = Counter(p["kind"] for p in styles.problems)
     # Problems beyond the listing cap are still counted.
     problem_counts["truncated_styles_problems"] = styles.problem_count - len(styles.problems)
-    sources: Counter[str] = Counter({"sidecar": 0, "styles": 0, "estimated": 0})
+    # Every source is counted (0 too), metadata.jsonl only when the raw folder has one.
+    sources: Counter[str] = Counter({s: 0 for s in CAPTION_SOURCES if s != "metadata" or metadata.path})
     colours: Counter[str] = Counter()
     types: Counter[str] = Counter()
-    entries: list[dict[str, Any]] = []
     matched_ids: set[str] = set()
+    matched_sources: set[str] = set()
 
-    def report(kind: str, **info: Any) -> None:
-        problem_counts[kind] += 1
-        problems.append({"kind": kind, **info})
-
-    for rec in records:
+    # Last first, popped: each manifest record is freed as soon as its entry exists (memory stays flat).
+    records = sorted(read_manifest(cleaned_dir), key=lambda r: r["image_file"], reverse=True)
+    while records:
+        rec = records.pop()
         image_file = rec["image_file"]
-        rec_id = str(rec.get("id", ""))
-        row = styles.get(rec_id)
-        if row is not None:
-            matched_ids.add(rec_id)
-        meta: dict[str, Any] = {"original_size": list(rec["original_size"]), "processed": True}
-        colour: str | None = None
-        type_word: str | None = None
-        caption: str | None = None
-
-        sidecar_text, sidecar_problem, sidecar_path = read_sidecar(raw_dir, rec.get("source", ""))
-        if sidecar_problem:
-            report("bad_sidecar", image_file=image_file, sidecar=sidecar_path, problem=sidecar_problem)
-
-        if row is not None:
-            if row.article_type.lower().strip() in NON_SHOE_ARTICLES or (
-                row.master_category and row.master_category.lower() != "footwear"
-            ):
-                report(
-                    "not_footwear",
-                    line=row.line,
-                    id=row.id,
-                    image_file=image_file,
-                    problem=f"styles row is {row.master_category}/{row.article_type}, not a shoe; "
-                    "its type is not used",
-                )
-                type_phrase, type_known = default_type, False
-            else:
-                type_phrase, type_known = type_from_style(row, default_type)
-            type_word = type_phrase
-            colour = colour_word(row.base_colour)
-            meta["colour_source"] = "styles" if colour else None
-            material = material_from_name(row.product_display_name)
-            features = features_from_name(row.product_display_name)
-            meta["type_source"] = "styles" if type_known else "default"
-            meta["styles_line"] = row.line
-            if material:
-                meta["material"] = material
-
-        if sidecar_text is not None:
-            caption = sidecar_text
-            meta["caption_source"] = "sidecar"
-            meta["sidecar"] = sidecar_path
-        elif row is not None:
-            if colour is None:
-                colour, details = _estimate_file(cleaned_dir, image_file)
-                meta["colour_source"] = "pixels"
-                meta["colour_estimate"] = details
-            characteristics = ", ".join(features) if features else default_characteristics
-            full_type = f"{material} {type_phrase}" if material else type_phrase
-            caption = render_caption(template, colour, full_type, characteristics)
-            meta["caption_source"] = "styles"
-            meta["characteristics"] = characteristics
+        src = gather_sources(rec, raw_root, styles, metadata)
+        key = caption_key(rec, src, settings)
+        result.problems += photo_problems(image_file, src)
+        prev_key, prev_entry = old.get(image_file, (None, None))
+        if prev_key == key and prev_entry is not None:
+            entry = prev_entry
+            result.reused_count += 1
         else:
-            colour, details = _estimate_file(cleaned_dir, image_file)
-            type_word = default_type
-            caption = render_caption(template, colour, default_type, default_characteristics)
-            meta.update(
-                {
-                    "caption_source": "estimated",
-                    "colour_source": "pixels",
-                    "type_source": "default",
-                    "colour_estimate": details,
-                    "characteristics": default_characteristics,
-                }
-            )
-
-        meta["colour"] = colour
-        meta["type"] = type_word
-        for key in ("id", "source", "source_sha256", "near_duplicate_of"):
-            if key in rec:
-                meta[key] = rec[key]
+            entry = caption_entry(rec, src, settings, cleaned_dir)
+            result.captioned.append(image_file)
+        result.entries.append(entry)
+        result.keys[image_file] = key
+        if src.row is not None:
+            matched_ids.add(src.row.id)
+        if metadata.get(str(rec.get("source", ""))) is not None:
+            matched_sources.add(str(rec["source"]))
+        meta = entry["metadata"]
         sources[meta["caption_source"]] += 1
-        colours[colour or "unknown"] += 1
-        types[type_word or "unknown"] += 1
-        entries.append({"image_file": image_file, "caption": caption, "metadata": meta})
+        colours[meta.get("colour") or "unknown"] += 1
+        types[meta.get("type") or "unknown"] += 1
 
-    for row in styles.rows.values():
-        if row.id not in matched_ids:
-            report("unmatched", line=row.line, id=row.id, problem="styles row matches no kept image")
-
-    return CaptionsResult(
-        entries=entries,
-        source_counts=dict(sources),
-        problems=problems,
-        problem_counts={k: v for k, v in sorted(problem_counts.items()) if v},
-        colour_counts=dict(sorted(colours.items(), key=lambda kv: (-kv[1], kv[0]))),
-        type_counts=dict(sorted(types.items(), key=lambda kv: (-kv[1], kv[0]))),
-        notes=list(styles.notes),
-        styles_rows=len(styles),
-        styles_matched=len(matched_ids),
-    )
+    result.problems += _unmatched_problems(styles, matched_ids, metadata, matched_sources)
+    problem_counts.update(p["kind"] for p in result.problems[len(styles.problems) :])
+    result.source_counts = dict(sources)
+    result.problem_counts = {k: v for k, v in sorted(problem_counts.items()) if v}
+    result.colour_counts, result.type_counts = _sorted_counts(colours), _sorted_counts(types)
+    result.styles_rows, result.styles_matched = len(styles), len(matched_ids)
+    return result
 
 
-def _estimate_file(cleaned_dir: Path, image_file: str) -> tuple[str, dict[str, Any]]:
-    path = cleaned_dir / "images" / image_file
+# ----------------------------------------------------------------------------------------------
+# Reusing the previous run's entries
+# ----------------------------------------------------------------------------------------------
+
+
+def cache_path(captions_json: Path) -> Path:
+    """Where :func:`write_captions` keeps each entry's key, next to captions.json."""
+    return Path(captions_json).with_name(f".{Path(captions_json).stem}_cache.json")
+
+
+def load_previous_captions(captions_json: Path | None) -> dict[str, tuple[str, dict[str, Any]]]:
+    """image_file -> (key, entry) from an earlier :func:`write_captions`; empty when there is nothing
+    trustworthy to reuse (no cache, another cache version, or captions.json changed since)."""
+    if captions_json is None:
+        return {}
     try:
-        with Image.open(path) as img:
-            return estimate_colour(img)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"cleaned image {path} listed in the manifest is missing") from exc
+        cache = json.loads(cache_path(captions_json).read_text(encoding="utf-8"))
+        data = Path(captions_json).read_bytes()
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION:
+        return {}
+    if hashlib.sha256(data).hexdigest() != cache.get("captions_sha256"):
+        return {}  # edited or replaced by hand since: caption everything again
+    try:
+        entries = validate_caption_entries(json.loads(data), str(captions_json))
+    except ValueError:  # also CaptionsFormatError and invalid JSON
+        return {}
+    keys = cache.get("keys") if isinstance(cache.get("keys"), dict) else {}
+    return {
+        e["image_file"]: (keys[e["image_file"]], e)
+        for e in entries
+        if isinstance(keys.get(e["image_file"]), str)
+    }
+
+
+def write_captions(result: CaptionsResult, path: Path) -> Path:
+    """captions.json (see :func:`write_captions_json`) plus the keys that let the next run reuse entries."""
+    path = write_captions_json(result.entries, path)
+    doc = {"version": CACHE_VERSION, "captions_sha256": file_sha256(path), "keys": result.keys}
+    atomic_write_json(cache_path(path), doc, indent=None, sort_keys=True)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -794,7 +582,7 @@ def _estimate_file(cleaned_dir: Path, image_file: str) -> tuple[str, dict[str, A
 
 
 def validate_caption_entries(entries: Any, source: str = "captions") -> list[dict[str, Any]]:
-    """Check the seed's captions.json format; raise CaptionsFormatError naming ``source`` and the entry."""
+    """Check the recipe's captions.json format; raise CaptionsFormatError naming ``source`` and the entry."""
     if not isinstance(entries, list):
         raise CaptionsFormatError(f"{source}: expected a list of entries, got {type(entries).__name__}")
     seen: set[str] = set()
@@ -829,7 +617,7 @@ def validate_caption_entries(entries: Any, source: str = "captions") -> list[dic
 
 
 def _canonical_entry(e: dict[str, Any]) -> dict[str, Any]:
-    # Fixed key order (seed keys first, extras sorted) so the file is byte-identical across runs.
+    # Fixed key order (the recipe's keys first, extras sorted) so the file is byte-identical across runs.
     meta = e["metadata"]
     ordered = {"original_size": list(meta["original_size"]), "processed": meta["processed"]}
     ordered.update({k: meta[k] for k in sorted(meta) if k not in ordered})

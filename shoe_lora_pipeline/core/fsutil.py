@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 _CHUNK = 1 << 20
 
@@ -47,32 +47,54 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_file(path: Path, write: Callable[[Path], object]) -> Path:
-    """Let ``write(tmp)`` create a temporary sibling of ``path``, fsync it and ``os.replace`` it into place
-    (for writers that take a file name: safetensors, PIL, torch.save)."""
+@contextmanager
+def _replaced_from_temporary(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` that the block fills; on a clean exit it is fsynced and
+    ``os.replace``-d into place, on an error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        yield Path(tmp)
         fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` create a temporary sibling of ``path``, then sync and rename it into place
+    (for writers that take a file name: safetensors, PIL, torch.save)."""
+    with _replaced_from_temporary(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """A UTF-8 text handle on a temporary sibling of ``path``, synced and renamed into place on a clean
+    exit. Lets big files be written in pieces (e.g. ``json.dump``) instead of as one string in memory."""
+    with _replaced_from_temporary(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        yield fh
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` via a synced temporary sibling and ``os.replace``."""
-    return atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_writer(path) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
+    """``json.dumps(data, **dumps_kwargs) + "\\n"`` written atomically, streamed (no whole-file string)."""
     dumps_kwargs.setdefault("indent", 2)
-    return atomic_write_text(path, json.dumps(data, **dumps_kwargs) + "\n")
+    with atomic_writer(path) as fh:
+        json.dump(data, fh, **dumps_kwargs)
+        fh.write("\n")
+    return Path(path)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ the most significant bit, giving a 64-bit int (shown as 16 hex digits).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -98,16 +98,21 @@ def hamming_to_set(query: int | str, hashes: Sequence[int | str]) -> np.ndarray:
     return _popcount_u64(arr ^ np.uint64(_as_int(query)))
 
 
-def near_duplicate_pairs(hashes: Sequence[int | str], max_distance: int) -> list[tuple[int, int, int]]:
-    """All index pairs ``(i, j, distance)`` with ``i < j`` and distance <= ``max_distance``.
+def iter_near_duplicate_pairs(
+    hashes: Sequence[int | str], max_distance: int
+) -> Iterator[tuple[int, int, int]]:
+    """Index pairs ``(i, j, distance)`` with ``i < j`` and distance <= ``max_distance``, by j then i.
 
-    Row by row so memory stays O(n) even for large sets; order is (i, j) ascending.
+    One row of distances at a time, and pairs as they are found: memory stays O(n) however many
+    pairs there are (a catalogue of side views on white has many).
     """
     arr = hashes_to_array(hashes)
-    pairs: list[tuple[int, int, int]] = []
     for j in range(1, len(arr)):
         dist = _popcount_u64(arr[:j] ^ arr[j])
         for i in np.flatnonzero(dist <= max_distance):
-            pairs.append((int(i), j, int(dist[i])))
-    pairs.sort()
-    return pairs
+            yield int(i), j, int(dist[i])
+
+
+def near_duplicate_pairs(hashes: Sequence[int | str], max_distance: int) -> list[tuple[int, int, int]]:
+    """All index pairs ``(i, j, distance)`` with ``i < j`` and distance <= ``max_distance``, sorted."""
+    return sorted(iter_near_duplicate_pairs(hashes, max_distance))

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoe_lora_pipeline.core.checkpoints import CheckpointInfo, list_checkpoints
 from shoe_lora_pipeline.core.fsutil import atomic_directory
 from shoe_lora_pipeline.core.model_card import (
     FRONT_MATTER_KEY,
@@ -58,6 +57,7 @@ if TYPE_CHECKING:
     import torch
     from peft import LoraConfig
 
+    from shoe_lora_pipeline.core.checkpoints import CheckpointInfo
     from shoe_lora_pipeline.core.config import PipelineConfig
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -446,6 +446,8 @@ def _save_peft_adapter(
 def select_checkpoint(checkpoints_dir: Path, wanted: int | str | None, training_dir: Path) -> CheckpointInfo:
     """The checkpoint to export: the newest, ``checkpoint-<wanted>`` (manual early stopping), or with
     ``"best"`` the kept checkpoint whose step has the lowest validation loss in validation_loss.csv."""
+    from shoe_lora_pipeline.core.checkpoints import list_checkpoints
+
     kept = list_checkpoints(checkpoints_dir)
     have = ", ".join(str(c.step) for c in kept) or "none"
     if not kept:

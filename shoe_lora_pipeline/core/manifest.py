@@ -26,7 +26,6 @@ METADATA_SUFFIXES = frozenset({"csv", "tsv", "json", "jsonl", "md", "yaml", "yml
 SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 
 MANIFEST_COLUMNS = ["rel_path", "path", "size_bytes", "sha256", "format", "kind"]
-_CHUNK = 1 << 20
 
 
 @dataclass

@@ -8,7 +8,7 @@ follow the image they duplicate, so a near-copy cannot leak into val/test.
 Layout written (and nothing else touched)::
 
     out_dir/{train,val,test}/images/<image_file>   hard link to the cleaned PNG (copy if impossible)
-    out_dir/{train,val,test}/captions.json          the seed's captions.json format
+    out_dir/{train,val,test}/captions.json          the recipe's captions.json format
 
 This module imports no Dagster; the asset wraps it.
 """
@@ -30,8 +30,9 @@ from .captions import (
     write_captions_json,
 )
 from .config import SplitConfig
+from .fsutil import file_sha256
+from .layout import SPLITS
 
-SPLITS = ("train", "val", "test")
 SPLIT_SALT = "split-v1"  # changing it reshuffles every image: only on purpose
 _TMP_PREFIX = ".tmp-split-"
 
@@ -99,15 +100,7 @@ def _split_key(entry: dict[str, Any], by_ref: dict[str, dict[str, Any]], cleaned
     if isinstance(sha, str) and sha.strip():
         return sha
     # No raw hash recorded: the cleaned file's bytes are still a stable content key.
-    return _file_sha256(cleaned_images_dir / current["image_file"])
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(cleaned_images_dir / current["image_file"])
 
 
 def _split_dir(out_dir: Path, split: str) -> Path:

@@ -8,95 +8,64 @@
 * :mod:`.checks` — the checklist: one table of checks (what, threshold field, comparison, severity).
 * :mod:`.report` — ``metrics.json`` (``metrics.schema.json``), ``report.md``, ``report.html``.
 * :mod:`.runner` — :func:`evaluate`, the one call the asset makes.
+
+Importing this package loads none of its modules: each name is imported from its module on first use, so
+the Dagster code location (which words the asset checks from :mod:`.checks`) does not load torch.
 """
 
-from shoe_lora_pipeline.core.evaluation.checks import (
-    CHECKS,
-    CheckOutcome,
-    CheckSpec,
-    check_descriptions,
-    checklist,
-)
-from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage, generate_images, image_seed
-from shoe_lora_pipeline.core.evaluation.metrics import (
-    FeatureSet,
-    MetricResult,
-    MetricSuite,
-    compute_clip_score,
-    compute_fid,
-    compute_inception_score,
-    compute_kid,
-    default_inception_weights_path,
-    extract_features,
-    inception_weights_path,
-    load_fid_inception,
-    load_local_clip,
-)
-from shoe_lora_pipeline.core.evaluation.qa import (
-    ImageQA,
-    QASummary,
-    QAValue,
-    centring,
-    colour_adherence,
-    diversity,
-    image_qa,
-    nearest_training_image,
-    prompt_colours,
-    qa_summary,
-    run_qa,
-    sharpness,
-    single_object,
-    white_background,
-)
-from shoe_lora_pipeline.core.evaluation.report import (
-    SCHEMA_PATH,
-    ReportPaths,
-    load_schema,
-    metric_table_markdown,
-    write_report,
-)
-from shoe_lora_pipeline.core.evaluation.runner import EvaluationResult, evaluate
+from __future__ import annotations
 
-__all__ = [
-    "CHECKS",
-    "SCHEMA_PATH",
-    "CheckOutcome",
-    "CheckSpec",
-    "EvaluationResult",
-    "FeatureSet",
-    "GeneratedImage",
-    "ImageQA",
-    "MetricResult",
-    "MetricSuite",
-    "QASummary",
-    "QAValue",
-    "ReportPaths",
-    "centring",
-    "check_descriptions",
-    "checklist",
-    "colour_adherence",
-    "compute_clip_score",
-    "compute_fid",
-    "compute_inception_score",
-    "compute_kid",
-    "default_inception_weights_path",
-    "diversity",
-    "evaluate",
-    "extract_features",
-    "generate_images",
-    "image_qa",
-    "image_seed",
-    "inception_weights_path",
-    "load_fid_inception",
-    "load_local_clip",
-    "load_schema",
-    "metric_table_markdown",
-    "nearest_training_image",
-    "prompt_colours",
-    "qa_summary",
-    "run_qa",
-    "sharpness",
-    "single_object",
-    "white_background",
-    "write_report",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CHECKS": "checks",
+    "CheckOutcome": "checks",
+    "CheckSpec": "checks",
+    "EvaluationResult": "runner",
+    "FeatureSet": "metrics",
+    "GeneratedImage": "generate",
+    "ImageQA": "qa",
+    "MetricResult": "metrics",
+    "MetricSuite": "metrics",
+    "QASummary": "qa",
+    "QAValue": "qa",
+    "ReportPaths": "report",
+    "SCHEMA_PATH": "report",
+    "centring": "qa",
+    "check_descriptions": "checks",
+    "checklist": "checks",
+    "colour_adherence": "qa",
+    "compute_clip_score": "metrics",
+    "compute_fid": "metrics",
+    "compute_inception_score": "metrics",
+    "compute_kid": "metrics",
+    "default_inception_weights_path": "metrics",
+    "diversity": "qa",
+    "evaluate": "runner",
+    "extract_features": "metrics",
+    "generate_images": "generate",
+    "image_qa": "qa",
+    "image_seed": "generate",
+    "inception_weights_path": "metrics",
+    "load_fid_inception": "metrics",
+    "load_local_clip": "metrics",
+    "load_schema": "report",
+    "metric_table_markdown": "report",
+    "nearest_training_image": "qa",
+    "prompt_colours": "qa",
+    "qa_summary": "qa",
+    "run_qa": "qa",
+    "sharpness": "qa",
+    "single_object": "qa",
+    "white_background": "qa",
+    "write_report": "report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -20,11 +20,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shoe_lora_pipeline.core.config import EvaluationThresholds
-from shoe_lora_pipeline.core.evaluation.metrics import MetricResult
-from shoe_lora_pipeline.core.evaluation.qa import QASummary
+
+if TYPE_CHECKING:
+    from shoe_lora_pipeline.core.evaluation.metrics import MetricResult
+    from shoe_lora_pipeline.core.evaluation.qa import QASummary
 
 Severity = Literal["WARN", "ERROR"]
 CheckStatus = Literal["pass", "fail", "unavailable"]
