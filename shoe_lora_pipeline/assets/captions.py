@@ -17,8 +17,9 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
     code_version="1",
     description="One caption per cleaned image: 'A professional product photo of [colour] [type] shoes on "
     "white background, [characteristics], product photography'. A sidecar .txt next to the photo (same "
-    "name: 1234.jpg → 1234.txt) wins, then the styles.csv row with the file's id, else the colour is read "
-    "from the pixels.",
+    "name: 1234.jpg → 1234.txt) wins, then the photo's line in a Hugging Face metadata.jsonl (file_name, "
+    "text), then the styles.csv row with the file's id, else the colour read from the pixels. Incremental: "
+    "a photo is re-captioned only when it or one of its caption sources changes.",
 )
 def captions(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource

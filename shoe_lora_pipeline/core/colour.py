@@ -66,18 +66,19 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return lab
 
 
-_PALETTE_NAMES = [name for name, _ in COLOUR_PALETTE]
-_PALETTE_LAB = srgb_to_lab(np.array([rgb for _, rgb in COLOUR_PALETTE], dtype=np.float64))
+# The palette's names and CIE Lab prototypes (also what evaluation's colour adherence compares against).
+PALETTE_NAMES: tuple[str, ...] = tuple(name for name, _ in COLOUR_PALETTE)
+PALETTE_LAB = srgb_to_lab(np.array([rgb for _, rgb in COLOUR_PALETTE], dtype=np.float64))
 
 
 def nearest_colour_name(rgb: np.ndarray | tuple[float, float, float]) -> tuple[str, float, str, float]:
     """(best name, its ΔE76, runner-up name of a different colour, its ΔE76)."""
     lab = srgb_to_lab(np.asarray(rgb, dtype=np.float64))
-    d = np.linalg.norm(_PALETTE_LAB - lab, axis=1)
+    d = np.linalg.norm(PALETTE_LAB - lab, axis=1)
     order = np.argsort(d, kind="stable")
-    best = _PALETTE_NAMES[order[0]]
-    second = next((i for i in order[1:] if _PALETTE_NAMES[i] != best), order[0])
-    return best, float(d[order[0]]), _PALETTE_NAMES[second], float(d[second])
+    best = PALETTE_NAMES[order[0]]
+    second = next((i for i in order[1:] if PALETTE_NAMES[i] != best), order[0])
+    return best, float(d[order[0]]), PALETTE_NAMES[second], float(d[second])
 
 
 def estimate_colour(image: Image.Image) -> tuple[str, dict[str, Any]]:

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from shoe_lora_pipeline.core import captions
+from shoe_lora_pipeline.core.colour import PALETTE_LAB, PALETTE_NAMES
 from shoe_lora_pipeline.core.imagehash import hamming_to_set, pairwise_hamming, phash, phash_hex
 
 ANALYSIS_SIDE = 256
@@ -84,8 +85,6 @@ COLOUR_ALIASES: dict[str, tuple[str, ...]] = {
     "lavender": ("purple", "pink"),
     "mauve": ("purple", "pink"),
 }
-_PALETTE_NAMES = tuple(name for name, _ in captions.COLOUR_PALETTE)
-_PALETTE_LAB = captions.srgb_to_lab(np.array([rgb for _, rgb in captions.COLOUR_PALETTE], dtype=np.float64))
 # "on white background", "on a pure white backdrop", "white studio background": not the product's colour.
 _BACKGROUND_PHRASE = re.compile(
     r"\b(?:on\s+(?:a\s+)?)?(?:pure\s+|plain\s+|clean\s+|seamless\s+)?white\s+"
@@ -100,7 +99,7 @@ def _colour_vocabulary() -> list[tuple[re.Pattern[str], str]]:
     for raw, canonical in captions.COLOUR_WORDS.items():
         words[raw] = canonical
         words[canonical] = canonical
-    for name in _PALETTE_NAMES:
+    for name in PALETTE_NAMES:
         words.setdefault(name, name)
     words.pop("multi", None)
     ordered = sorted(words.items(), key=lambda kv: (-len(kv[0]), kv[0]))
@@ -274,7 +273,7 @@ def prompt_colours(prompt: str) -> list[str]:
 
 
 def _palette_names_for(colour: str) -> tuple[str, ...]:
-    if colour in _PALETTE_NAMES:
+    if colour in PALETTE_NAMES:
         return (colour,)
     return COLOUR_ALIASES.get(colour, ())
 
@@ -304,10 +303,10 @@ def colour_adherence(image: Image.Image, prompt: str) -> QAValue:
         details["reason"] = "no foreground measured"
         return QAValue(None, measured in accepted, details)
     lab = captions.srgb_to_lab(np.asarray(median, dtype=np.float64))
-    idx = [i for i, n in enumerate(_PALETTE_NAMES) if n in accepted]
-    d = np.linalg.norm(_PALETTE_LAB[idx] - lab, axis=1)
+    idx = [i for i, n in enumerate(PALETTE_NAMES) if n in accepted]
+    d = np.linalg.norm(PALETTE_LAB[idx] - lab, axis=1)
     delta_e = float(d.min())
-    details["nearest_prompt_prototype"] = _PALETTE_NAMES[idx[int(d.argmin())]]
+    details["nearest_prompt_prototype"] = PALETTE_NAMES[idx[int(d.argmin())]]
     passed = measured in accepted or delta_e <= COLOUR_DELTA_E_MAX
     return QAValue(round(delta_e, 2), passed, details)
 
