@@ -3,8 +3,7 @@ from pathlib import Path
 import pytest
 
 from shoe_lora_pipeline.core.config import ConfigError, load_config
-
-from .conftest import REPO_ROOT
+from shoe_lora_pipeline_tests.support.paths import REPO_ROOT
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -1,4 +1,5 @@
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ def test_sd15_unet_with_reference_lora_has_exact_parameter_counts() -> None:
     assert total == 861_115_332
 
 
-def test_tiny_sd_is_sd_shaped(tiny_sd: models.SDComponents) -> None:
-    c = tiny_sd
+def test_tiny_sd_is_sd_shaped(load_components: Callable[[], models.SDComponents]) -> None:
+    c = load_components()
     assert type(c.unet).__name__ == "UNet2DConditionModel"
     assert type(c.vae).__name__ == "AutoencoderKL"
     assert type(c.text_encoder).__name__ == "CLIPTextModel"
@@ -31,11 +32,11 @@ def test_tiny_sd_is_sd_shaped(tiny_sd: models.SDComponents) -> None:
     assert not any(p.requires_grad for p in c.unet.parameters())
 
 
-def test_tokenizer_is_the_real_clip_bpe(tiny_sd: models.SDComponents) -> None:
+def test_tokenizer_is_the_real_clip_bpe(load_components: Callable[[], models.SDComponents]) -> None:
     from open_clip.tokenizer import SimpleTokenizer
 
     text = "A professional product photo of brown leather casual shoes on white background"
-    ids = tiny_sd.tokenizer(text).input_ids
+    ids = load_components().tokenizer(text).input_ids
     assert ids[0] == 49406 and ids[-1] == 49407
     assert ids[1:-1] == SimpleTokenizer().encode(text)
 

@@ -15,8 +15,7 @@ from PIL import Image
 from shoe_lora_pipeline.assets import STAGES, category_assets
 from shoe_lora_pipeline.definitions import defs
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
-
-from .conftest import DEMO_RAW_DIR, REPO_ROOT
+from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR, REPO_ROOT
 
 DATA_STAGES = [s.key.to_user_string() for s in STAGES if s.group_names_by_key[s.key] == "dataset"]
 DATA_CHECKS = {

@@ -12,7 +12,7 @@ import pytest
 from shoe_lora_pipeline import cli
 from shoe_lora_pipeline.core import lora_io
 from shoe_lora_pipeline.core.models import tiny_sd_path
-from shoe_lora_pipeline_tests.test_lora_io import make_training_checkpoint
+from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
 
 RUN_ID = "0f3c-audit-run"
 

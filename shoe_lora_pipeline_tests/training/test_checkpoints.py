@@ -16,17 +16,13 @@ import torch
 from safetensors import safe_open
 
 from shoe_lora_pipeline.core import checkpoints as ckpt
-
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
+from shoe_lora_pipeline_tests.support.training import (
     RESUME_SETTINGS,
     assert_same_lora,
     lora_tensors,
     make_cfg,
     run_training,
 )
-
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
 
 EXPECTED_FILES = {
     "pytorch_lora_weights.safetensors",
@@ -172,7 +168,7 @@ CHILD = textwrap.dedent(
     from shoe_lora_pipeline.core import checkpoints
     from shoe_lora_pipeline.core.models import load_base_model
     import torch
-    from shoe_lora_pipeline_tests.conftest_training import RESUME_SETTINGS, make_cfg, run_training
+    from shoe_lora_pipeline_tests.support.training import RESUME_SETTINGS, make_cfg, run_training
 
     torch.set_num_threads(1)  # as in the parent's runs, which this one is compared with
     args = json.loads(sys.argv[1])
@@ -195,13 +191,13 @@ CHILD = textwrap.dedent(
 
 
 def test_sigkill_during_save_then_resume_is_bit_identical(
-    tmp_path, model_cache, load_components, dataset, uninterrupted_run
+    tmp_path, tiny_sd_cache, load_components, dataset, uninterrupted_run
 ):
     read_fd, write_fd = os.pipe()
     args = {
         "fd": write_fd,
         "root": str(tmp_path),
-        "cache": str(model_cache),
+        "cache": str(tiny_sd_cache),
         "data": {k: str(v) for k, v in dataset.items()},
     }
     child = subprocess.Popen(

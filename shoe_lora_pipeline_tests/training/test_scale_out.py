@@ -34,9 +34,8 @@ from shoe_lora_pipeline.core.launch import TrainArgs, accelerate_command
 from shoe_lora_pipeline.core.run_artifacts import StepClock, read_losses_csv
 from shoe_lora_pipeline.core.training import PendingStep, TrainingError, settle
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
-
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
+from shoe_lora_pipeline_tests.support.paths import REPO_ROOT
+from shoe_lora_pipeline_tests.support.training import (
     RESUME_SETTINGS,
     assert_same_lora,
     cpu,
@@ -44,10 +43,8 @@ from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
     make_cfg,
 )
 
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TWO_PROCESSES = ["training.launcher=accelerate", "training.num_processes=2"]
 
 
@@ -69,14 +66,14 @@ def shared_data_config(root: Path, dataset: dict[str, Any]) -> tuple[PipelineCon
 
 
 @pytest.fixture(scope="session")
-def two_process_run(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, dataset: dict[str, Any]):
+def two_process_run(tmp_path_factory: pytest.TempPathFactory, tiny_sd_cache: Path, dataset: dict[str, Any]):
     """8 steps with 2 processes (the global batch of the 1-process runs), launched by the asset."""
     root = tmp_path_factory.mktemp("two-processes")
     cfg, path = shared_data_config(root, dataset)
     resources = {
         "pipeline_config": PipelineConfigResource(config_path=str(path), overrides=TWO_PROCESSES),
         "device": DeviceResource(device="cpu"),
-        "base_model": BaseModelResource(cache_dir=str(model_cache)),
+        "base_model": BaseModelResource(cache_dir=str(tiny_sd_cache)),
     }
     result = dg.materialize(category_assets("casual_shoes", ["lora_training"]), resources=resources)
     assert result.success
@@ -111,11 +108,11 @@ def test_two_processes_train_the_lora_of_one(two_process_run, uninterrupted_run)
 
 
 def test_accelerate_launcher_reports_what_the_in_process_asset_reports(
-    two_process_run, uninterrupted_run, model_cache
+    two_process_run, uninterrupted_run, tiny_sd_cache
 ):
     meta = two_process_run["metadata"]
     cfg = two_process_run["cfg"]
-    identity = BaseModelResource(cache_dir=str(model_cache)).identity(cfg)
+    identity = BaseModelResource(cache_dir=str(tiny_sd_cache)).identity(cfg)
     in_process = training_metadata(cfg, cpu(), identity, uninterrupted_run["result"])
     assert set(meta) ^ set(in_process) == set()  # the same keys
     assert meta["num_processes"].value == 2 and meta["launcher"].value == "accelerate"
@@ -161,7 +158,7 @@ def test_logged_loss_is_the_mean_over_processes_and_a_peer_nan_stops_every_rank(
 def launch(config_path: Path, cache: Path, fault: dict[str, Any]) -> subprocess.Popen:
     """``accelerate launch`` of the fault-injecting entry point with 2 processes."""
     args = TrainArgs(str(config_path), "casual_shoes", base_model_cache=str(cache))
-    command = accelerate_command(2, args, module="shoe_lora_pipeline_tests.faulty_train")
+    command = accelerate_command(2, args, module="shoe_lora_pipeline_tests.support.faulty_train")
     env = {**os.environ, "SHOE_LORA_TEST_FAULT": json.dumps(fault)}
     return subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -188,13 +185,13 @@ def assert_all_end(processes: list[psutil.Process], within: float = 60) -> None:
     assert not alive, f"left running: {[(p.pid, p.cmdline()[-6:]) for p in alive]}"
 
 
-def test_kill_interrupt_and_resume_over_two_processes(tmp_path, model_cache, dataset, two_process_run):
+def test_kill_interrupt_and_resume_over_two_processes(tmp_path, tiny_sd_cache, dataset, two_process_run):
     cfg, path = shared_data_config(tmp_path, dataset)
     out = cfg.training.output_dir
     root = out / "checkpoints"
 
     # 1. SIGKILL of the launcher after checkpoint-4: nothing can clean up, yet no process is left behind.
-    launcher = launch(path, model_cache, {"kind": "hang", "step": 4, "marker": str(tmp_path / "at4")})
+    launcher = launch(path, tiny_sd_cache, {"kind": "hang", "step": 4, "marker": str(tmp_path / "at4")})
     processes = wait_for(tmp_path / "at4", launcher)
     assert len(processes) == 3  # the launcher and its 2 training processes
     launcher.kill()
@@ -204,7 +201,7 @@ def test_kill_interrupt_and_resume_over_two_processes(tmp_path, model_cache, dat
 
     # 2. SIGINT (what cancelling a Dagster run sends): every rank stops before the same step, the newest
     #    complete checkpoint stays, no checkpoint is half-written.
-    launcher = launch(path, model_cache, {"kind": "pause", "step": 6, "marker": str(tmp_path / "at6")})
+    launcher = launch(path, tiny_sd_cache, {"kind": "pause", "step": 6, "marker": str(tmp_path / "at6")})
     processes = wait_for(tmp_path / "at6", launcher)
     launcher.send_signal(signal.SIGINT)
     assert_all_end(processes)
@@ -231,7 +228,7 @@ def test_kill_interrupt_and_resume_over_two_processes(tmp_path, model_cache, dat
     resources = {
         "pipeline_config": {"config": {"overrides": overrides}},
         "device": {"config": {"device": "cpu"}},
-        "base_model": {"config": {"cache_dir": str(model_cache)}},
+        "base_model": {"config": {"cache_dir": str(tiny_sd_cache)}},
     }
     run_config.write_text(yaml.safe_dump({"resources": resources}))
     env = {**os.environ, "SHOE_LORA_CONFIG": str(path), "DAGSTER_HOME": str(home), "OMP_NUM_THREADS": "1"}
@@ -265,8 +262,8 @@ def test_kill_interrupt_and_resume_over_two_processes(tmp_path, model_cache, dat
 
 def test_a_dying_rank_ends_every_rank(tmp_path):
     marker = tmp_path / "died"
-    command = accelerate_command(2, TrainArgs("", ""), module="shoe_lora_pipeline_tests.rank_dies")
-    command = [*command[: command.index("shoe_lora_pipeline_tests.rank_dies") + 1], str(marker)]
+    command = accelerate_command(2, TrainArgs("", ""), module="shoe_lora_pipeline_tests.support.rank_dies")
+    command = [*command[: command.index("shoe_lora_pipeline_tests.support.rank_dies") + 1], str(marker)]
     launcher = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     processes = wait_for(marker, launcher)
     # Rank 0 waits in a collective for a peer that is gone: the launcher ends it, and itself, at once.

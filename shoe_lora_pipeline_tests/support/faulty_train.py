@@ -1,5 +1,5 @@
 """The training entry point with a fault injected, for the multi-process fault tests (run by the launcher as
-``-m shoe_lora_pipeline_tests.faulty_train`` with the entry point's arguments).
+``-m shoe_lora_pipeline_tests.support.faulty_train`` with the entry point's arguments).
 
 ``SHOE_LORA_TEST_FAULT`` (JSON) says what to do once ``checkpoint-<step>`` is published: rank 0 writes the
 ``marker`` file, then ``hang`` (until killed) or ``pause`` (until SIGINT reached it) while the other ranks

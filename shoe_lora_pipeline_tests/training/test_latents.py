@@ -15,14 +15,10 @@ from shoe_lora_pipeline.core.latents import (
     load_image_tensor,
     load_latent_dataset,
 )
-
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import RESOLUTION, add_image, make_train_set  # noqa: E402
-
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
+from shoe_lora_pipeline_tests.support.training import RESOLUTION, add_image, make_train_set
 
 
-def test_cache_is_incremental_and_drops_removed_items(tmp_path, model_cache, load_components):
+def test_cache_is_incremental_and_drops_removed_items(tmp_path, tiny_sd_cache, load_components):
     components = load_components()
     train = make_train_set(tmp_path, n=4)
     cache = tmp_path / "latents"

@@ -15,8 +15,7 @@ from shoe_lora_pipeline.core.config import load_config
 from shoe_lora_pipeline.core.device import choose_device
 from shoe_lora_pipeline.definitions import build_definitions
 from shoe_lora_pipeline.resources import PipelineConfigResource
-
-from .conftest import DEMO_RAW_DIR, REPO_ROOT
+from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR, REPO_ROOT
 
 # What a markdown renderer takes for an HTML tag (and then hides): ``<image>``, ``</b>``, ``<dataset>_x``.
 HTML_TAG = re.compile(r"</?[A-Za-z][^<>]*>")

@@ -11,8 +11,7 @@ import pytest
 
 from shoe_lora_pipeline.assets import STAGE_NAMES, category_assets
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
-
-from .conftest import DEMO_RAW_DIR
+from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -28,8 +28,8 @@ from shoe_lora_pipeline.core.launch import (
 )
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 from shoe_lora_pipeline.train import parse_args, pipes_metadata
+from shoe_lora_pipeline_tests.support.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S = [
     "training.launcher=k8s",
     "training.num_processes=2",

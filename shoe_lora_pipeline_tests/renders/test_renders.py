@@ -30,9 +30,8 @@ from shoe_lora_pipeline.core.renders import (
 )
 from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions, render_assets
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
-
-from .conftest_training import one_torch_thread
-from .test_lora_io import make_training_checkpoint
+from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
+from shoe_lora_pipeline_tests.support.training import one_torch_thread
 
 GOOD = "sku,colour,type,characteristics,count,view\nCS-1,black,casual,lace-up,1,side\nÜ-2,white,casual sneakers,,2,\n"
 HOSTILE = (

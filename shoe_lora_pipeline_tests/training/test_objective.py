@@ -14,16 +14,12 @@ from shoe_lora_pipeline.core.lora_io import LoraExportError, select_checkpoint
 from shoe_lora_pipeline.core.models import SD15_SCHEDULER_CONFIG
 from shoe_lora_pipeline.core.run_artifacts import read_validation_losses
 from shoe_lora_pipeline.core.train_data import NoiseSettings, derived_seed, draw_samples
-
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
+from shoe_lora_pipeline_tests.support.training import (
     assert_same_lora,
     lora_tensors,
     make_cfg,
     run_training,
 )
-
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -57,7 +53,7 @@ def test_noise_offset_is_the_peers_per_channel_offset():
         torch.testing.assert_close(drawn["noise"][j], expected)
 
 
-def test_caption_dropout_trains_on_the_empty_caption(tiny_sd):
+def test_caption_dropout_trains_on_the_empty_caption(load_components):
     seen = {}
 
     class Recorder(torch.nn.Module):
@@ -76,7 +72,9 @@ def test_caption_dropout_trains_on_the_empty_caption(tiny_sd):
         0, [0, 1], [0, 1], 0, *(torch.zeros(2, 4, 2, 2) for _ in range(3)), torch.tensor([5, 5]), drawn
     )
     empty = torch.full((3, 5), -1.0)
-    training.diffusion_loss(Recorder(), tiny_sd.noise_scheduler, batch, Source(), empty, 1.0, torch.float32)
+    training.diffusion_loss(
+        Recorder(), load_components().noise_scheduler, batch, Source(), empty, 1.0, torch.float32
+    )
     assert torch.equal(seen["text"][0], empty) and torch.equal(seen["text"][1], torch.ones(3, 5))
 
 

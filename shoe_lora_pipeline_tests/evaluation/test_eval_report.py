@@ -18,19 +18,10 @@ from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage, image_se
 from shoe_lora_pipeline.core.evaluation.metrics import MetricResult
 from shoe_lora_pipeline.core.evaluation.report import checklist, load_schema, write_report
 from shoe_lora_pipeline.core.markdown import md_cell
-from shoe_lora_pipeline_tests.test_eval_metrics import random_cnn
-from shoe_lora_pipeline_tests.test_eval_qa import RED, shoe, varied_shoes
+from shoe_lora_pipeline_tests.support.evaluation import RED, random_cnn, shoe, varied_shoes
+from shoe_lora_pipeline_tests.support.paths import REPO_ROOT
 
 T = EvaluationThresholds()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    # Tiny models on a shared 2-core machine: one thread avoids hand-off overhead and keeps CPU modest.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,7 +475,7 @@ def test_templates_are_package_data() -> None:
     from shoe_lora_pipeline.core.evaluation.report import TEMPLATES_DIR
 
     tomllib = pytest.importorskip("tomllib")  # standard library from Python 3.11
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["shoe_lora_pipeline.core.evaluation"]
     templates = sorted(TEMPLATES_DIR.glob("*"))
     assert {p.name for p in templates} == {"report.md.j2", "report.html.j2"}

@@ -21,7 +21,7 @@ import torch
 
 from shoe_lora_pipeline.core import lora_io
 from shoe_lora_pipeline.core.models import tiny_sd_path
-from shoe_lora_pipeline_tests.test_lora_io import make_training_checkpoint
+from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
 
 ATOL, RTOL = 1e-5, 1e-4
 DATASET = "casual_shoes"

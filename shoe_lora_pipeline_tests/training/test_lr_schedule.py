@@ -9,11 +9,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
-
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import make_cfg, run_training  # noqa: E402
-
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
+from shoe_lora_pipeline_tests.support.training import make_cfg, run_training
 
 
 def expected_lr(base: float, done_steps: int, warmup: int, total: int) -> float:

@@ -9,19 +9,13 @@ import pytest
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints
 from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
 from shoe_lora_pipeline.core.training import TrainingError
-
-# conftest_training is a helper module with asserts and the fixtures' plugin: register it for assertion
-# rewriting before importing it (pytest's documented pattern for helper modules).
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
+from shoe_lora_pipeline_tests.support.training import (
     RESUME_SETTINGS,
     assert_same_lora,
     lora_tensors,
     make_cfg,
     run_training,
 )
-
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
 
 
 class _HardStop(Exception):

@@ -13,17 +13,13 @@ import shoe_lora_pipeline.core.training as training
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints
 from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
 from shoe_lora_pipeline.core.training import TrainingError, setup_lora_unet
-
-pytest.register_assert_rewrite("shoe_lora_pipeline_tests.conftest_training")
-from shoe_lora_pipeline_tests.conftest_training import (  # noqa: E402
+from shoe_lora_pipeline_tests.support.training import (
     assert_same_lora,
     cpu,
     lora_tensors,
     make_cfg,
     run_training,
 )
-
-pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]
 
 
 @pytest.fixture

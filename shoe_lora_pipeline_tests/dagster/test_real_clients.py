@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .conftest import DEMO_RAW_DIR, REPO_ROOT
-from .dagster_server import DagsterDev, running_dagster_dev
+from shoe_lora_pipeline_tests.support.dagster_server import DagsterDev, running_dagster_dev
+from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR, REPO_ROOT
 
 if TYPE_CHECKING:
     from playwright.sync_api import Locator

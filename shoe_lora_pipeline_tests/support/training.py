@@ -1,8 +1,9 @@
-"""Shared fixtures and helpers of the training-stage tests (latents, loop, checkpoints, resume).
+"""Helpers of the training-stage tests (latents, loop, checkpoints, resume): a tiny train set, small fast
+settings, a training run on the shared data set and LoRA comparisons.
 
-Loaded by the test modules with ``pytest_plugins = ["shoe_lora_pipeline_tests.conftest_training"]``; the
-repository's conftest.py is not involved. Everything runs on the CPU with the tiny SD-shaped model at
-128 px (16×16 latents), so a training step takes a fraction of a second.
+Plain functions, imported by the tests (their fixtures are in ``training/conftest.py`` and the root
+``conftest.py``, which registers this module for pytest's assertion rewriting). Everything runs on the CPU
+with the tiny SD-shaped model at 128 px (16×16 latents), so a training step takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -13,17 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.device import DeviceInfo, choose_device
-from shoe_lora_pipeline.core.latents import cache_latents
-from shoe_lora_pipeline.core.models import SDComponents, load_base_model
-from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
-from shoe_lora_pipeline.core.train_data import dataset_fingerprint
+from shoe_lora_pipeline.core.models import SDComponents
 from shoe_lora_pipeline.core.training import TrainingResult, train_lora
 
 RESOLUTION = 128
@@ -124,48 +121,7 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("model-cache")
-    with one_torch_thread():
-        load_base_model("tiny-sd", cache_dir=cache)  # builds the tiny model once (~5 s)
-    return cache
-
-
-@pytest.fixture
-def load_components(model_cache: Path) -> Iterator[Any]:
-    """Factory of freshly loaded components (train_lora takes over the UNet); torch on one thread."""
-
-    def load() -> SDComponents:
-        return load_base_model("tiny-sd", cache_dir=model_cache)
-
-    with one_torch_thread():
-        yield load
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> dict[str, Any]:
-    """A shared 6-image train set with its latent cache (tests must not modify it)."""
-    root = tmp_path_factory.mktemp("dataset")
-    train = make_train_set(root)
-    latents = root / "latents"
-    # A held-out val split of two other images, for the validation loss (passed only when a test asks).
-    val = _keep_last(make_train_set(root / "held_out", n=NUM_IMAGES + 2), 2)
-    with one_torch_thread():
-        components = load_base_model("tiny-sd", cache_dir=model_cache)
-        cache_latents(components, train, latents, RESOLUTION, 4, "cpu")
-        cache_latents(components, val, root / "val_latents", RESOLUTION, 4, "cpu")
-    return {
-        "root": root,
-        "train": train,
-        "latents": latents,
-        "fingerprint": dataset_fingerprint(train),
-        "val": val,
-        "val_latents": root / "val_latents",
-    }
-
-
-def _keep_last(split: Path, n: int) -> Path:
+def keep_last(split: Path, n: int) -> Path:
     """Drop all but the last ``n`` images of a split folder made by make_train_set."""
     entries = json.loads((split / "captions.json").read_text())
     for e in entries[:-n]:
@@ -198,21 +154,6 @@ RESUME_SETTINGS = {
     "checkpoints_total_limit": 10,
     "lr_warmup_steps": 3,
 }
-
-
-@pytest.fixture(scope="session")
-def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, dataset: dict[str, Any]):
-    """8 optimizer steps in one go (checkpoint every 2): the reference for every resume test."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    cfg = make_cfg(root, **RESUME_SETTINGS)
-    with one_torch_thread():
-        result = run_training(cfg, load_base_model("tiny-sd", cache_dir=model_cache), dataset)
-    return {
-        "cfg": cfg,
-        "result": result,
-        "lora": lora_tensors(result.checkpoint_dir),
-        "losses": read_losses_csv(result.output_dir / "losses.csv"),
-    }
 
 
 def assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -10,37 +10,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from shoe_lora_pipeline.core.evaluation import qa
 from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage
 from shoe_lora_pipeline.core.imagehash import phash
-
-WHITE = (255, 255, 255)
-BLACK = (25, 25, 25)
-RED = (200, 30, 35)
-
-
-def shoe(
-    colour: tuple[int, int, int] = BLACK,
-    centre: tuple[float, float] = (64, 64),
-    scale: float = 1.0,
-    size: int = 128,
-    bg: tuple[int, int, int] = WHITE,
-) -> Image.Image:
-    """A shoe-shaped blob (upper + sole + toe) centred on ``centre``; ~80x40 px at scale 1."""
-    img = Image.new("RGB", (size, size), bg)
-    draw_shoe(ImageDraw.Draw(img), colour, centre, scale)
-    return img
-
-
-def draw_shoe(
-    d: ImageDraw.ImageDraw, colour: tuple[int, int, int], centre: tuple[float, float], scale: float
-) -> None:
-    cx, cy = centre
-    s = scale
-
-    def pt(x: float, y: float) -> tuple[float, float]:
-        return (cx + x * s, cy + y * s)
-
-    d.polygon([pt(-40, 14), pt(-40, -14), pt(-5, -20), pt(30, 0), pt(40, 8), pt(40, 14)], fill=colour)
-    d.ellipse([pt(20, -2), pt(44, 18)], fill=colour)
-    d.rectangle([pt(-42, 14), pt(42, 20)], fill=(40, 40, 40))
+from shoe_lora_pipeline_tests.support.evaluation import BLACK, RED, WHITE, draw_shoe, shoe, varied_shoes
 
 
 def test_centred_black_shoe_on_white_passes_everything() -> None:
@@ -132,15 +102,6 @@ def test_blur_lowers_sharpness() -> None:
     blurred = qa.sharpness(shoe().filter(ImageFilter.GaussianBlur(4)))
     assert sharp.value > 5 * blurred.value
     assert sharp.passed and not blurred.passed
-
-
-def varied_shoes() -> list[Image.Image]:
-    return [
-        shoe(BLACK, (64, 64), 1.0),
-        shoe(RED, (50, 70), 0.6),
-        shoe((40, 80, 180), (80, 50), 1.3).transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-        shoe((220, 200, 165), (64, 80), 0.8).rotate(30, fillcolor=WHITE),
-    ]
 
 
 def test_identical_images_are_mode_collapse_varied_are_not() -> None:

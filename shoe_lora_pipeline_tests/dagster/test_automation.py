@@ -12,8 +12,7 @@ from shoe_lora_pipeline.assets import STAGE_NAMES, STAGES, category_assets
 from shoe_lora_pipeline.core.config import ConfigError, load_config
 from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions
 from shoe_lora_pipeline.resources import PipelineConfigResource
-
-from .conftest import DEMO_RAW_DIR
+from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR, REPO_ROOT
 
 DATA_STAGES = [s.key.to_user_string() for s in STAGES if s.group_names_by_key[s.key] == "dataset"]
 
@@ -167,11 +166,10 @@ def test_dagster_definitions_validate() -> None:
     import sys
     from pathlib import Path as _P
 
-    repo = _P(__file__).resolve().parents[1]
     bin_dir = _P(sys.executable).parent
     proc = subprocess.run(
         [str(bin_dir / "dagster"), "definitions", "validate", "-m", "shoe_lora_pipeline.definitions"],
-        cwd=repo,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -17,48 +17,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from shoe_lora_pipeline.core.config import EvaluationThresholds
 from shoe_lora_pipeline.core.evaluation import metrics as M
 from shoe_lora_pipeline.core.evaluation.report import checklist
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    # Tiny matmuls on an oversubscribed 2-core machine are dominated by thread hand-offs; one thread
-    # is faster here and keeps CPU use modest. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_cnn(seed: int = 0, logits: int | None = None) -> nn.Module:
-    """Random-init features extractor; with ``logits`` it also returns a classifier head's output."""
-    torch.manual_seed(seed)
-    body = nn.Sequential(
-        nn.Conv2d(3, 8, 5, 2),
-        nn.Tanh(),
-        nn.Conv2d(8, 16, 3, 2),
-        nn.Tanh(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
-    if logits is None:
-        return body
-
-    class WithLogits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-            self.head = nn.Linear(16, logits)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            f = self.body(x)
-            return f, self.head(f) * 20
-
-    return WithLogits()
+from shoe_lora_pipeline_tests.support.evaluation import random_cnn
 
 
 def blob_images(
