@@ -15,8 +15,16 @@ as they were; further categories are prefixed: ``boots/raw_images``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import dagster as dg
+
+from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.layout import Layout
+
+if TYPE_CHECKING:  # annotations only (DeviceInfo is torch-heavy)
+    from shoe_lora_pipeline.core.device import DeviceInfo
+    from shoe_lora_pipeline.resources import DeviceResource, PipelineConfigResource
 
 CATEGORY_TAG = "category"
 
@@ -63,3 +71,19 @@ def category_of(context: dg.AssetExecutionContext) -> str | None:
     """The product category an asset run is for (its ``category`` tag); ``None`` for a stage's plain
     template asset, which :meth:`PipelineConfigResource.get` reads as the config's first category."""
     return context.assets_def.tags_by_key[context.asset_key].get(CATEGORY_TAG)
+
+
+def category_config(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
+) -> tuple[PipelineConfig, Layout]:
+    """What every asset body starts from: the config of the category this run is for
+    (:func:`category_of`) and that category's folders."""
+    cfg = pipeline_config.get(category_of(context))
+    return cfg, Layout.of(cfg)
+
+
+def device_for(context: dg.AssetExecutionContext, device: DeviceResource, cfg: PipelineConfig) -> DeviceInfo:
+    """The device a step computes on (the resource's choice, else the config's), said once in the run log."""
+    device_info = device.resolve(cfg)
+    context.log.info(f"device: {device_info.type} ({device_info.name}); {device_info.dtype_policy}")
+    return device_info

@@ -3,10 +3,9 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
 from shoe_lora_pipeline.core.captions import build_captions, load_styles, write_captions
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
@@ -24,8 +23,7 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def captions(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
+    cfg, layout = category_config(context, pipeline_config)
     styles = load_styles(cfg.dataset.styles_csv_path)
     result = build_captions(
         layout.cleaned_dir,

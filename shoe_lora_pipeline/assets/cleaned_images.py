@@ -4,7 +4,7 @@
 import dagster as dg
 import pandas as pd
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
 from shoe_lora_pipeline.core.cleaning import CleaningParams, CleaningReport, clean_images
 from shoe_lora_pipeline.core.config import PipelineConfig
@@ -35,8 +35,7 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def cleaned_images(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
+    cfg, layout = category_config(context, pipeline_config)
     manifest = pd.read_csv(layout.raw_manifest, dtype={"rel_path": str, "sha256": str})
     params = CleaningParams.from_config(cfg.dataset.cleaning, cfg.dataset.resolution)
     report = clean_images(

@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.layout import SPLITS, Layout
@@ -33,8 +33,7 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def dataset_splits(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
+    cfg, layout = category_config(context, pipeline_config)
     entries = read_captions_json(layout.captions_json)
     # Strict stability: a newly added photo never moves an existing one, even a near-duplicate's original.
     result = make_splits(

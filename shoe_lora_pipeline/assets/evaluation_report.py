@@ -3,11 +3,10 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config, device_for
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
 from shoe_lora_pipeline.core.config import EvaluationThresholds
 from shoe_lora_pipeline.core.evaluation.checks import check_descriptions
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 # The recipe's validation checklist, one Dagster asset check each, worded from core.evaluation.checks.CHECKS
@@ -40,9 +39,8 @@ def evaluation_report(
     from shoe_lora_pipeline.core.evaluation import evaluate
     from shoe_lora_pipeline.core.lora_io import read_provenance
 
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
-    device_info = device.resolve(cfg)
+    cfg, layout = category_config(context, pipeline_config)
+    device_info = device_for(context, device, cfg)
     base_dir = base_model.folder(cfg)
 
     result = evaluate(

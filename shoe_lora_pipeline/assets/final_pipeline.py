@@ -3,9 +3,8 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
 
@@ -24,8 +23,7 @@ def final_pipeline(
     # Imported here, not at module level: the data steps load this module too and must not pay for torch.
     from shoe_lora_pipeline.core.lora_io import fuse_lora_pipeline, read_provenance
 
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
+    cfg, layout = category_config(context, pipeline_config)
     base_dir = base_model.folder(cfg)
     lora_prov = read_provenance(layout.lora_weights_dir)
     out = fuse_lora_pipeline(

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config, device_for
 from shoe_lora_pipeline.assets._metadata import MetadataDict, config_metadata, thumbnail_md
 from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.gpu_slots import lease_gpus, visible_gpus
@@ -46,14 +46,14 @@ def lora_training(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
+    cfg, _ = category_config(context, pipeline_config)
     if note := gpu_pool_note(context.instance, cfg.automation.gpu_slots):
         context.log.warning(note)
     launcher = cfg.training.launcher
     if launcher == "inprocess":
         from shoe_lora_pipeline.train import train_category  # torch: loaded by this step only
 
-        device_info = device.resolve(cfg)
+        device_info = device_for(context, device, cfg)
         context.log.info(f"device: {device_info.type} ({device_info.name}); {device_info.dtype_policy}")
         components = base_model.load(cfg, device_info)
         # The training log's INFO lines (where the run starts, checkpoints, validation) reach the run log

@@ -3,10 +3,9 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, dataset_manifest_hash, md_table
 from shoe_lora_pipeline.core.captions import read_captions_json
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.provenance import collect_provenance
 from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResource
 
@@ -27,8 +26,7 @@ def lora_weights(
     # Imported here, not at module level: the data steps load this module too and must not pay for torch.
     from shoe_lora_pipeline.core.lora_io import TrainingFacts, export_lora, select_checkpoint
 
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
+    cfg, layout = category_config(context, pipeline_config)
     ckpt = select_checkpoint(layout.checkpoints_dir, cfg.export.checkpoint_step, layout.training_dir)
     context.log.info(f"exporting {ckpt.path.name}")
 

@@ -6,10 +6,9 @@ import json
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config, device_for
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
 from shoe_lora_pipeline.core.config import ConfigError
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.renders import (
     RenderSettings,
     lora_source,
@@ -39,17 +38,16 @@ def product_renders(
     device: DeviceResource,
     base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
+    cfg, layout = category_config(context, pipeline_config)
     if cfg.renders.specs_csv is None:
         raise ConfigError(f"category {cfg.dataset.name!r} has no renders.specs_csv in {cfg.source_path}")
-    layout = Layout.of(cfg)
     sheet = read_specs(cfg.renders.specs_csv, **spec_rules(cfg))
     lora = lora_source(layout.lora_weights_dir, layout.final_pipeline_dir)
     if lora.fused_dir is None:
         context.log.warning(
             "final_pipeline was not fused from the current LoRA file: rendering with base + LoRA"
         )
-    device_info = device.resolve(cfg)
+    device_info = device_for(context, device, cfg)
     load = pipeline_loader(
         lora,
         lambda: base_model.folder(cfg),

@@ -3,9 +3,8 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.renders import RenderPaths, publish_renders
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
@@ -23,9 +22,9 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def published_renders(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
+    cfg, layout = category_config(context, pipeline_config)
     result = publish_renders(
-        RenderPaths(Layout.of(cfg).renders_dir),
+        RenderPaths(layout.renders_dir),
         config_hash=cfg.config_hash(),
         run_id=context.run.run_id,
         log=context.log.warning,

@@ -3,9 +3,8 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
@@ -20,11 +19,11 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
 def raw_images(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
-    cfg = pipeline_config.get(category_of(context))
+    cfg, layout = category_config(context, pipeline_config)
     scan = scan_raw_dir(cfg.dataset.raw_dir)
     digest = manifest_hash(scan.manifest)
 
-    out = Layout.of(cfg).raw_manifest
+    out = layout.raw_manifest
     out.parent.mkdir(parents=True, exist_ok=True)
     scan.manifest.to_csv(out, index=False)
     for skipped in scan.skipped:

@@ -3,9 +3,8 @@
 
 import dagster as dg
 
-from shoe_lora_pipeline.assets._category import category_of
+from shoe_lora_pipeline.assets._category import category_config, device_for
 from shoe_lora_pipeline.assets._metadata import config_metadata
-from shoe_lora_pipeline.core.layout import Layout
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
 
@@ -29,9 +28,8 @@ def training_latents(
     # Imported here, not at module level: the data steps load this module too and must not pay for torch.
     from shoe_lora_pipeline.core.latents import cache_latents
 
-    cfg = pipeline_config.get(category_of(context))
-    layout = Layout.of(cfg)
-    device_info = device.resolve(cfg)
+    cfg, layout = category_config(context, pipeline_config)
+    device_info = device_for(context, device, cfg)
     if not cfg.training.cache_latents:
         context.log.info("training.cache_latents is false: lora_training encodes images on the fly")
         return dg.MaterializeResult(metadata={**config_metadata(cfg, device_info), "cache_latents": False})
