@@ -89,6 +89,38 @@ def kohya_weights_name(dataset_name: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+# TrainingFacts fields that the trainer records in training_state.json's "training_config".
+_RECORDED_FACTS = (
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_train_steps",
+    "resolution",
+    "seed",
+    "mixed_precision",
+    "validation_prompts",
+    "snr_gamma",
+    "noise_offset",
+    "input_perturbation",
+    "caption_dropout",
+)
+
+
+# TrainingFacts that the model card states under the same names.
+_CARD_FACTS = (
+    "learning_rate",
+    "lr_scheduler",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "resolution",
+    "final_loss",
+    "val_loss",
+    "num_train_images",
+)
+
+
 @dataclass
 class TrainingFacts:
     """Training settings that the weights files do not carry themselves. All optional."""
@@ -121,38 +153,20 @@ class TrainingFacts:
     def from_config(
         cls, cfg: PipelineConfig, *, captions: Iterable[str] = (), num_train_images: int | None = None
     ) -> TrainingFacts:
-        t = cfg.training
-        captions = list(captions)
+        # The recorded facts carry the training config's own names (resolution is the dataset's).
+        settings = {**cfg.training.model_dump(), "resolution": cfg.dataset.resolution}
         return cls(
-            learning_rate=t.learning_rate,
-            lr_scheduler=t.lr_scheduler,
-            lr_warmup_steps=t.lr_warmup_steps,
-            train_batch_size=t.train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            max_train_steps=t.max_train_steps,
-            resolution=cfg.dataset.resolution,
-            seed=t.seed,
-            mixed_precision=t.mixed_precision,
+            **{name: settings[name] for name in _RECORDED_FACTS},
             num_train_images=num_train_images,
-            captions=captions,
+            captions=list(captions),
             caption_template=cfg.dataset.caption_template,
-            validation_prompts=list(t.validation_prompts),
-            snr_gamma=t.snr_gamma,
-            noise_offset=t.noise_offset,
-            input_perturbation=t.input_perturbation,
-            caption_dropout=t.caption_dropout,
         )
 
 
 @dataclass
 class ExportResult:
     out_dir: Path
-    peft_config: Path
-    peft_weights: Path
-    diffusers_weights: Path
     kohya_weights: Path
-    model_card: Path
-    provenance_json: Path
     validation_grid: Path | None
     rank: int
     alpha: float
@@ -160,6 +174,27 @@ class ExportResult:
     file_sha256: dict[str, str]
     provenance: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+
+    # The other files have fixed names in the export folder.
+    @property
+    def peft_config(self) -> Path:
+        return self.out_dir / PEFT_CONFIG_NAME
+
+    @property
+    def peft_weights(self) -> Path:
+        return self.out_dir / PEFT_WEIGHTS_NAME
+
+    @property
+    def diffusers_weights(self) -> Path:
+        return self.out_dir / DIFFUSERS_WEIGHTS_NAME
+
+    @property
+    def model_card(self) -> Path:
+        return self.out_dir / MODEL_CARD_NAME
+
+    @property
+    def provenance_json(self) -> Path:
+        return self.out_dir / PROVENANCE_NAME
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,25 +508,6 @@ def select_checkpoint(checkpoints_dir: Path, wanted: int | str | None, training_
     raise LoraExportError(f"export.checkpoint_step = {wanted}: no such checkpoint (kept steps: {have})")
 
 
-# TrainingFacts fields that the trainer records in training_state.json's "training_config".
-_RECORDED_FACTS = (
-    "learning_rate",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "max_train_steps",
-    "resolution",
-    "seed",
-    "mixed_precision",
-    "validation_prompts",
-    "snr_gamma",
-    "noise_offset",
-    "input_perturbation",
-    "caption_dropout",
-)
-
-
 def _merge_facts(facts: TrainingFacts, recorded: Mapping[str, Any], warnings: list[str]) -> TrainingFacts:
     """The checkpoint's recorded settings describe the weights: they win over the caller's (today's config)."""
     merged = TrainingFacts(**{f: getattr(facts, f) for f in facts.__dataclass_fields__})
@@ -609,15 +625,8 @@ def _card_info(
         dropout=meta["dropout"],
         target_modules=list(meta["target_modules"]),
         steps=step,
-        learning_rate=facts.learning_rate,
-        lr_scheduler=facts.lr_scheduler,
-        train_batch_size=facts.train_batch_size,
-        gradient_accumulation_steps=facts.gradient_accumulation_steps,
-        resolution=facts.resolution,
-        final_loss=facts.final_loss,
-        val_loss=facts.val_loss,
+        **{name: getattr(facts, name) for name in _CARD_FACTS},
         objective={k: getattr(facts, k) for k in OBJECTIVE_KEYS},
-        num_train_images=facts.num_train_images,
         instance_prompt=facts.caption_template,
         widget_prompts=list(facts.validation_prompts),
         provenance=prov,
@@ -713,12 +722,7 @@ def export_lora(
         write_model_card(tmp / MODEL_CARD_NAME, card)
     return ExportResult(
         out_dir=out_dir,
-        peft_config=out_dir / PEFT_CONFIG_NAME,
-        peft_weights=out_dir / PEFT_WEIGHTS_NAME,
-        diffusers_weights=out_dir / DIFFUSERS_WEIGHTS_NAME,
         kohya_weights=out_dir / kohya_name,
-        model_card=out_dir / MODEL_CARD_NAME,
-        provenance_json=out_dir / PROVENANCE_NAME,
         validation_grid=out_dir / VALIDATION_GRID_NAME if grid else None,
         rank=meta["rank"],
         alpha=meta["alpha"],
