@@ -136,18 +136,11 @@ def _check_cell(check: CheckOutcome | None) -> str:
     return "pass" if check.passed else f"FAIL ({check.severity})"
 
 
-def metric_rows(
-    metrics_lora: Mapping[str, MetricResult],
-    metrics_base: Mapping[str, MetricResult],
-    qa_lora: QASummary | None,
-    qa_base: QASummary | None,
-    checks: Sequence[CheckOutcome],
-    thresholds: EvaluationThresholds,
-    training_summary: Mapping[str, Any] | None = None,
-) -> list[list[str]]:
+def metric_rows(f: Findings) -> list[list[str]]:
     """Rows [metric, base, LoRA, threshold, LoRA check] shared by the markdown and HTML tables."""
-    by_name = {c.name: c for c in checks}
-    t = thresholds
+    metrics_lora, metrics_base, qa_lora, qa_base = f.metrics_lora, f.metrics_base, f.qa_lora, f.qa_base
+    by_name = {c.name: c for c in f.checks}
+    t = f.thresholds
     rows: list[list[str]] = []
     kinds = {"fid": "num", "kid": "small", "inception_score": "num", "clip_score": "num"}
     limits = {name: CHECKS_BY_NAME[name].limit_text(t) for name in ("fid", "inception_score", "clip_score")}
@@ -191,7 +184,7 @@ def metric_rows(
             _check_cell(by_name.get("no_memorisation")),
         ]
     )
-    loss, which = training_loss(training_summary)
+    loss, which = training_loss(f.training_summary)
     rows.append(
         [
             "Final training loss ↓",
@@ -208,18 +201,9 @@ METRIC_TABLE_HEADER = ["Metric", "Base", "LoRA", "Threshold", "LoRA check"]
 CHECK_TABLE_HEADER = ["Check", "Result", "Severity (on failure)", "Value", "Threshold", "Reason"]
 
 
-def metric_table_markdown(
-    metrics_lora: Mapping[str, MetricResult],
-    metrics_base: Mapping[str, MetricResult],
-    qa_lora: QASummary | None,
-    qa_base: QASummary | None,
-    checks: Sequence[CheckOutcome],
-    thresholds: EvaluationThresholds,
-    training_summary: Mapping[str, Any] | None = None,
-) -> str:
+def metric_table_markdown(f: Findings) -> str:
     """The base-vs-LoRA metric table as markdown (for Dagster metadata and report.md)."""
-    rows = metric_rows(metrics_lora, metrics_base, qa_lora, qa_base, checks, thresholds, training_summary)
-    return md_table(METRIC_TABLE_HEADER, rows)
+    return md_table(METRIC_TABLE_HEADER, metric_rows(f))
 
 
 def _qa_rows(qa_lora: QASummary | None, qa_base: QASummary | None) -> list[list[str]]:
@@ -544,9 +528,7 @@ def report_context(
     for the markdown) and ``source`` (file or image, inlined by the HTML's ``data_uri`` filter)."""
     verdict = overall(f.checks)
     fid = f.metrics_lora.get("fid") or MetricResult("fid", None, "unavailable")
-    rows = metric_rows(
-        f.metrics_lora, f.metrics_base, f.qa_lora, f.qa_base, f.checks, f.thresholds, f.training_summary
-    )
+    rows = metric_rows(f)
     return {
         "verdict": {
             "passed": verdict["passed"],

@@ -26,6 +26,7 @@ from shoe_lora_pipeline.core.evaluation.metrics import MetricResult, MetricSuite
 from shoe_lora_pipeline.core.evaluation.qa import QASummary, hash_folder, run_qa
 from shoe_lora_pipeline.core.evaluation.report import (
     CheckOutcome,
+    Findings,
     ReportPaths,
     checklist,
     metric_table_markdown,
@@ -362,7 +363,7 @@ def evaluate(
         out_dir=out_dir,
         paths=paths,
         metric_table_markdown=metric_table_markdown(
-            metrics_lora, metrics_base, qa_lora, qa_base, checks, config.thresholds, summary
+            Findings(metrics_lora, metrics_base, qa_lora, qa_base, config.thresholds, checks, summary)
         ),
         checks=checks,
         passed=verdict["passed"],
