@@ -268,6 +268,37 @@ def _as_features(
     return extract_features(images, extractor, batch_size=batch_size, device=device)
 
 
+def _feature_pair(
+    generated: FeatureSet | Sequence[ImageLike],
+    reference: FeatureSet | Sequence[ImageLike],
+    extractor: nn.Module | None,
+    batch_size: int,
+    device: str | torch.device,
+) -> tuple[FeatureSet, FeatureSet]:
+    return (
+        _as_features(generated, extractor, batch_size, device),
+        _as_features(reference, extractor, batch_size, device),
+    )
+
+
+def _result_facts(
+    gen: FeatureSet, ref: FeatureSet | None, compared: str, weights: str | None
+) -> dict[str, Any]:
+    """What every metric result records about its input: the set sizes, what was compared, the weights."""
+    n_reference = None if ref is None else ref.n
+    return {"n_generated": gen.n, "n_reference": n_reference, "compared": compared, "weights": weights}
+
+
+def _too_few_images(
+    name: str, label: str, gen: FeatureSet, ref: FeatureSet, common: dict[str, Any]
+) -> MetricResult | None:
+    """``unavailable`` when either set has fewer than the 2 images a distance between sets needs."""
+    if gen.n < 2 or ref.n < 2:
+        reason = f"{label} needs >= 2 images per set (generated {gen.n}, reference {ref.n})"
+        return unavailable(name, reason, **common)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
@@ -286,13 +317,10 @@ def compute_fid(
     """Fréchet distance between the feature statistics of two sets (pytorch-fid's formula)."""
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    gen = _as_features(generated, feature_extractor, batch_size, device)
-    ref = _as_features(reference, feature_extractor, batch_size, device)
-    common = {"n_generated": gen.n, "n_reference": ref.n, "compared": compared, "weights": weights}
-    if gen.n < 2 or ref.n < 2:
-        return unavailable(
-            "fid", f"FID needs >= 2 images per set (generated {gen.n}, reference {ref.n})", **common
-        )
+    gen, ref = _feature_pair(generated, reference, feature_extractor, batch_size, device)
+    common = _result_facts(gen, ref, compared, weights)
+    if (too_few := _too_few_images("fid", "FID", gen, ref, common)) is not None:
+        return too_few
     a, b = gen.features.numpy(), ref.features.numpy()
     # Same statistics as pytorch_fid.fid_score.calculate_activation_statistics.
     mu1, sigma1 = np.mean(a, axis=0), np.cov(a, rowvar=False)
@@ -341,14 +369,11 @@ def compute_kid(
     """
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    gen = _as_features(generated, feature_extractor, batch_size, device)
-    ref = _as_features(reference, feature_extractor, batch_size, device)
-    common = {"n_generated": gen.n, "n_reference": ref.n, "compared": compared, "weights": weights}
+    gen, ref = _feature_pair(generated, reference, feature_extractor, batch_size, device)
+    common = _result_facts(gen, ref, compared, weights)
+    if (too_few := _too_few_images("kid", "KID", gen, ref, common)) is not None:
+        return too_few
     subset_size = min(gen.n, ref.n, KID_MAX_SUBSET)
-    if subset_size < 2:
-        return unavailable(
-            "kid", f"KID needs >= 2 images per set (generated {gen.n}, reference {ref.n})", **common
-        )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         kid = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=subset_size)
@@ -388,7 +413,7 @@ def compute_inception_score(
     from torchmetrics.image.inception import InceptionScore
 
     gen = _as_features(generated, feature_extractor, batch_size, device)
-    common = {"n_generated": gen.n, "n_reference": None, "compared": compared, "weights": weights}
+    common = _result_facts(gen, None, compared, weights)
     if gen.logits is None:
         return unavailable(
             "inception_score",
