@@ -13,12 +13,13 @@ shoes" and "white casual sneakers".
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shoe_lora_pipeline.core.csvutil import csv_records
 
 # Bump when a word table or rule below changes the caption for the same inputs: every caption is
 # then rebuilt (it is part of each caption's cache key).
@@ -136,27 +137,16 @@ def load_styles(csv_path: Path | None) -> StylesTable:
 
 
 def _parse_styles(fh: Any, table: StylesTable) -> None:
-    reader = csv.reader(fh, strict=False)
     header: list[str] | None = None
     col: dict[str, int] = {}
-    prev_line = 0
-    while True:
-        start = prev_line + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            # e.g. a field over csv.field_size_limit(); the reader resumes on the next line.
-            table._report(start, None, f"unparseable line: {exc}", "malformed")
-            if reader.line_num == prev_line:  # no progress: give up rather than spin
-                break
-            prev_line = reader.line_num
+    for record in csv_records(fh):
+        start, fields = record.line, record.fields
+        if record.error is not None:
+            table._report(start, None, f"unparseable line: {record.error}", "malformed")
             continue
-        prev_line = reader.line_num
-        table.lines_read = reader.line_num
-        if not fields or all(not f.strip() for f in fields):
-            continue  # blank line
+        table.lines_read = record.end_line
+        if record.blank:
+            continue
         if header is None:
             header = [h.strip() for h in fields]
             col = {name: i for i, name in enumerate(header)}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoe_lora_pipeline.core.captions import MAX_CAPTION_CHARS, render_caption
+from shoe_lora_pipeline.core.csvutil import csv_records
 from shoe_lora_pipeline.core.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
@@ -204,27 +205,17 @@ def parse_specs_text(
 ) -> tuple[list[SpecRow], list[RejectedRow], list[str]]:
     """(accepted rows, refused rows, notes) of a sheet's text. Raises :class:`SpecsError` without a usable
     header."""
-    reader = csv.reader(io.StringIO(text), strict=False)
     header: list[str] | None = None
     rows: list[SpecRow] = []
     rejected: list[RejectedRow] = []
     notes: list[str] = []
     first_line: dict[str, int] = {}
-    prev_line = 0
-    while True:
-        line = prev_line + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            rejected.append(RejectedRow(line, "", f"unparseable line: {exc}"))
-            if reader.line_num == prev_line:
-                break
-            prev_line = reader.line_num
+    for record in csv_records(io.StringIO(text)):
+        line, fields = record.line, record.fields
+        if record.error is not None:
+            rejected.append(RejectedRow(line, "", f"unparseable line: {record.error}"))
             continue
-        prev_line = reader.line_num
-        if not fields or all(not f.strip() for f in fields):
+        if record.blank:
             continue
         if header is None:
             header = [h.strip().lower() for h in fields]
