@@ -21,6 +21,7 @@ MAX_IMAGES_PER_PROMPT = 1000  # image_seed packs the image index below this
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,15 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 def image_filename(prompt_index: int, image_index: int) -> str:
     return f"prompt{prompt_index}_img{image_index}.png"
+
+
+def seeded_images(pipe: StableDiffusionPipeline, seeds: Sequence[int], **call: Any) -> list[Image.Image]:
+    """One pipeline call (``call``: its arguments) in which image ``i`` starts from the noise of
+    ``seeds[i]``: one CPU generator per image, so a seed gives the same image on every device and in a
+    batch the same as alone. PIL images, without autograd."""
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    with torch.inference_mode():
+        return pipe(**call, generator=generators, output_type="pil").images
 
 
 def generate_images(
@@ -81,19 +91,17 @@ def generate_images(
     try:
         for p, prompt in enumerate(prompts):
             seeds = [image_seed(seed, p, i) for i in range(images_per_prompt)]
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            with torch.no_grad():
-                result = pipe(
-                    prompt,
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    num_images_per_prompt=images_per_prompt,
-                    generator=generators,
-                    output_type="pil",
-                )
-            for i, (img, s) in enumerate(zip(result.images, seeds, strict=True)):
+            images = seeded_images(
+                pipe,
+                seeds,
+                prompt=prompt,
+                num_images_per_prompt=images_per_prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+            )
+            for i, (img, s) in enumerate(zip(images, seeds, strict=True)):
                 path = folder / image_filename(p, i)
                 img.convert("RGB").save(path)
                 out.append(GeneratedImage(p, i, prompt, path, s))

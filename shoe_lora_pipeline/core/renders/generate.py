@@ -235,25 +235,23 @@ def render_batches(
     on_batch: Callable[[list[RenderJob], list[Image.Image]], None],
     log: Callable[[str], None] | None = None,
 ) -> BatchStats:
-    """Generate ``jobs`` in calls of up to ``batch_size`` images (one prompt and generator per image)."""
-    import torch
+    """Generate ``jobs`` in calls of up to ``batch_size`` images (one prompt and seed per image)."""
+    from shoe_lora_pipeline.core.evaluation.generate import seeded_images
 
     stats = BatchStats()
     started = time.perf_counter()
     for start in range(0, len(jobs), batch_size):
         chunk = list(jobs[start : start + batch_size])
-        generators = [torch.Generator(device="cpu").manual_seed(j.seed) for j in chunk]
-        with torch.inference_mode():
-            images = pipe(
-                prompt=[j.prompt for j in chunk],
-                negative_prompt=[j.negative_prompt for j in chunk],
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=generators,
-                output_type="pil",
-            ).images
+        images = seeded_images(
+            pipe,
+            [j.seed for j in chunk],
+            prompt=[j.prompt for j in chunk],
+            negative_prompt=[j.negative_prompt for j in chunk],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+        )
         on_batch(chunk, images)
         stats.calls += 1
         stats.images += len(chunk)
