@@ -51,10 +51,14 @@ def last_trained_manifest(instance: dg.DagsterInstance, raw_images_key: dg.Asset
 def build_automation(
     cfg: PipelineConfig,
 ) -> tuple[list[dg.UnresolvedAssetJobDefinition], list[dg.ScheduleDefinition], list[dg.SensorDefinition]]:
+    # Product renders are not retrained on a schedule: a new LoRA would re-render every SKU and, with
+    # renders.auto_approve, republish them unreviewed. The specs-sheet sensor or `--select
+    # '*published_renders'` renders when a person wants new photos.
     retrain_job = dg.define_asset_job(
         "retrain_job",
-        selection=dg.AssetSelection.all(),
-        description="The whole graph, every category: photos → LoRA → evaluation report.",
+        selection=dg.AssetSelection.all() - dg.AssetSelection.groups("renders"),
+        description="The training graph, every category: photos → LoRA → evaluation report (renders not "
+        "included: the specs-sheet sensor or a manual materialisation renders).",
     )
     # In one process: the four data steps are a chain of short steps (seconds for a few new photos), so
     # a process per step would cost more than the steps; cleaning runs its own pool on every core.

@@ -71,7 +71,9 @@ class Throughput:
     def describe(self) -> str:
         text = f"{self.images_per_second:.2f} img/s"
         if self.tflops_per_second is not None:
-            text += f", {self.tflops_per_second:.1f} TFLOP/s"
+            rate = self.tflops_per_second
+            # a small model on a CPU runs at GFLOP/s: "0.0 TFLOP/s" would say nothing
+            text += f", {rate:.1f} TFLOP/s" if rate >= 1 else f", {rate * 1000:.1f} GFLOP/s"
         if self.mfu is not None:
             text += f", MFU {100 * self.mfu:.1f} % of {self.peak_tflops:g} ({self.peak_precision})"
         return text

@@ -70,6 +70,9 @@ def test_single_dataset_section_is_one_category() -> None:
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     # Unchanged asset keys for a single-category project, plus the renders group (the demo has a specs sheet).
     assert keys == set(STAGE_NAMES) | set(RENDER_STAGE_NAMES)
+    # A scheduled retrain trains and evaluates; it never re-renders and republishes the shop's photos.
+    retrain = defs.resolve_job_def("retrain_job").asset_layer.executable_asset_keys
+    assert {k.to_user_string() for k in retrain} == set(STAGE_NAMES)
 
 
 def test_categories_get_their_own_chains_and_folders(tmp_path: Path) -> None:

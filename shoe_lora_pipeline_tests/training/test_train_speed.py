@@ -31,6 +31,7 @@ def test_mfu_uses_the_peak_of_the_device_and_precision():
     assert speed.device_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert speed.device_peak_tflops("NVIDIA L40S", "bf16") is None  # not the L4
     assert speed.device_peak_tflops("NVIDIA L4", "tf32") == 60.0
+    assert "8.0 GFLOP/s" in speed.mfu(1.0, 8e9, "AMD EPYC 7B13", "fp32").describe()
     unknown = speed.mfu(10.0, 1e12, "AMD EPYC 7B13", "fp32")
     assert unknown.mfu is None and "MFU" not in unknown.describe() and "mfu" not in unknown.as_metadata()
     assert (

@@ -70,8 +70,8 @@ def test_accumulation_epochs_and_progress(tmp_path, load_components, dataset, op
         assert line in log
     step_lines = re.findall(
         r"^Steps: (\d+)/6 \| [\d.]+ s/it \| ETA \d+:\d\d:\d\d \| epoch \d+ \| loss [\d.]+ \| lr [\d.e+-]+ "
-        # throughput: images/s and the UNet's TFLOP/s (no MFU: a CPU has no entry in the peak table)
-        r"\| [\d.]+ img/s, [\d.]+ TFLOP/s$",
+        # throughput: images/s and the UNet's FLOP rate (no MFU: a CPU has no entry in the peak table)
+        r"\| [\d.]+ img/s, [\d.]+ [TG]FLOP/s$",
         log,
         re.M,
     )
