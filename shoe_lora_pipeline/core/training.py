@@ -66,7 +66,12 @@ from shoe_lora_pipeline.core.train_data import (
     StepPlan,
     derived_seed,
 )
-from shoe_lora_pipeline.core.validation import encode_validation_prompts, run_validation
+from shoe_lora_pipeline.core.validation import (
+    ValidationPrompts,
+    ValidationResult,
+    encode_validation_prompts,
+    run_validation,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -377,7 +382,7 @@ class Run:
     plan: StepPlan
     layout: speed.BatchLayout
     empty_text: torch.Tensor
-    validation_prompts: Any
+    validation_prompts: ValidationPrompts
     weight_dtype: torch.dtype
     mixed_precision: str
     trainable: int
@@ -813,7 +818,7 @@ def validate(
     epoch: int,
     output_dir: Path,
     log: files.RunLog,
-) -> Any:
+) -> ValidationResult:
     """The validation loss on the held-out split and the validation images, on the main process only;
     neither touches the training RNG (own generators; global RNG restored)."""
     tcfg, device = cfg.training, accelerator.device
