@@ -633,30 +633,6 @@ def checkpoint_state(
 # ----------------------------------------------------------------------------------------------
 
 
-def optimizer_step(run: Run, accelerator: Accelerator, tcfg: TrainingConfig, step: int) -> PendingStep:
-    """Optimizer step ``step`` (0-based) of this process: its micro-batches forward and backward (the
-    gradients all-reduced across processes once, with the last one), clip, step, schedule."""
-    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step will use
-    batches = run.plan.micro_batches(step)
-    micro_losses = []
-    for i, batch in enumerate(batches):
-        with accelerator.no_sync(run.unet) if i < len(batches) - 1 else contextlib.nullcontext():
-            per_sample = diffusion_loss(
-                run.unet, run.noise_scheduler, batch, run.source, run.empty_text, run.scaling_factor,
-                run.weight_dtype, tcfg.snr_gamma, run.channels_last,
-            )  # fmt: skip
-            loss = per_sample.sum() / run.plan.local_batch  # this micro-batch's share of the step mean
-            accelerator.backward(loss)
-        micro_losses.append(loss.detach())  # stays on the device: no host sync per micro-step
-    # Clip the LoRA gradients (a list, not a spent iterator); the returned norm is the pre-clip one.
-    grad_norm = accelerator.clip_grad_norm_(run.lora_params, tcfg.gradient_clipping)
-    run.optimizer.step()
-    run.lr_scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    epoch = ((step + 1) * tcfg.effective_batch_size - 1) // len(run.source) + 1  # of its last sample
-    return PendingStep(step + 1, epoch, lr, torch.stack(micro_losses), grad_norm, batches)
-
-
 @dataclass
 class PendingStep:
     """An optimizer step whose numbers are still on the device (read at the next logging point)."""
@@ -872,13 +848,10 @@ def train_lora(
     ranks: Ranks | None = None,
 ) -> TrainingResult:
     """Train (or resume, or skip) the LoRA of ``cfg.training`` on ``train_dir`` (latent cache ``latents_dir``;
-    held-out ``val_dir``/``val_latents_dir`` for the validation loss). ``components`` are taken over (the UNet
-    gets the adapter). ``echo`` gets the log's INFO lines live; ``max_steps_this_run`` stops early without an
-    extra checkpoint. A non-finite loss raises TrainingError before any checkpoint of it is written.
-
-    ``ranks``: this process's place among the launcher's processes (default: the only one). Every rank runs
-    this function; rank 0 alone decides where the run starts, writes the files of the run folder and calls
-    the callbacks; the others log to ``logs/rank<N>_training_log.txt``."""
+    held-out ``val_dir``/``val_latents_dir`` for the validation loss). ``components`` are taken over. ``echo``
+    gets the log's INFO lines live; ``max_steps_this_run`` stops early without an extra checkpoint. Every
+    process of a launcher (``ranks``) runs this; rank 0 alone decides the start, writes the run folder and
+    calls the callbacks. A non-finite loss raises TrainingError before any checkpoint of it is written."""
     call_start = time.perf_counter()
     tcfg, output_dir = cfg.training, Path(output_dir)
     ckpt_root = output_dir / "checkpoints"
@@ -908,7 +881,8 @@ def train_lora(
             log.write("  " + line)
 
         # ---- 3. the loop ------------------------------------------------------------------------
-        run.unet.train()
+        unet, optimizer, plan = run.unet, run.optimizer, run.plan
+        unet.train()
         clock, pending, steps_this_run, latest_grid = files.StepClock(), [], 0, None
         while global_step < tcfg.max_train_steps:
             if max_steps_this_run is not None and steps_this_run >= max_steps_this_run:
@@ -916,10 +890,28 @@ def train_lora(
                 break
             if ranks.stop_requested():  # SIGINT on any process: all stop before the same step
                 raise KeyboardInterrupt(f"SIGINT: every process stops before step {global_step + 1}")
-            pending.append(optimizer_step(run, accelerator, tcfg, global_step))
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step will use
+            batches = plan.micro_batches(global_step)
+            micro_losses = []
+            for i, batch in enumerate(batches):
+                # Gradients are all-reduced across processes once per step, with the last micro-batch.
+                with accelerator.no_sync(unet) if i < len(batches) - 1 else contextlib.nullcontext():
+                    per_sample = diffusion_loss(
+                        unet, run.noise_scheduler, batch, run.source, run.empty_text, run.scaling_factor,
+                        run.weight_dtype, tcfg.snr_gamma, run.channels_last,
+                    )  # fmt: skip
+                    loss = per_sample.sum() / plan.local_batch  # this micro-batch's share of the step mean
+                    accelerator.backward(loss)
+                micro_losses.append(loss.detach())  # stays on the device: no host sync per micro-step
+            # Clip the LoRA gradients (a list, not a spent iterator); the returned norm is the pre-clip one.
+            grad_norm = accelerator.clip_grad_norm_(run.lora_params, tcfg.gradient_clipping)
+            optimizer.step()
+            run.lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             global_step += 1
             steps_this_run += 1
-            epoch = pending[-1].epoch
+            epoch = (global_step * tcfg.effective_batch_size - 1) // len(run.source) + 1  # of its last sample
+            pending.append(PendingStep(global_step, epoch, lr, torch.stack(micro_losses), grad_norm, batches))
 
             is_last = global_step == tcfg.max_train_steps
             stopping = max_steps_this_run is not None and steps_this_run >= max_steps_this_run
