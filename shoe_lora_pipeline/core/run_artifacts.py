@@ -48,19 +48,15 @@ def ema(values: Iterable[float], decay: float = EMA_DECAY) -> list[float]:
     return out
 
 
-def _csv_text(rows: Sequence[Row], columns: Sequence[str]) -> str:
-    lines = [",".join(columns)]
-    lines += [",".join(_csv_value(r.get(c, "")) for c in columns) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _csv_value(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
+def _csv_lines(rows: Sequence[Row], columns: Sequence[str]) -> str:
+    """One line per row (floats in full precision: a resumed run compares them bit for bit)."""
+    cell = lambda v: repr(v) if isinstance(v, float) else str(v)  # noqa: E731
+    return "".join(",".join(cell(r.get(c, "")) for c in columns) + "\n" for r in rows)
 
 
 def write_rows_csv(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> Path:
     """Write the whole file atomically (a resumed run starts from its checkpoint's rows)."""
-    return atomic_write_text(path, _csv_text(rows, columns))
+    return atomic_write_text(path, ",".join(columns) + "\n" + _csv_lines(rows, columns))
 
 
 def append_rows_csv(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> None:
@@ -71,7 +67,7 @@ def append_rows_csv(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> 
     with open(path, "a", newline="", encoding="utf-8") as f:
         if new:
             f.write(",".join(columns) + "\n")
-        f.write("".join(",".join(_csv_value(r.get(c, "")) for c in columns) + "\n" for r in rows))
+        f.write(_csv_lines(rows, columns))
 
 
 def read_rows_csv(path: Path | None, numeric: Callable[[str], Any] = float) -> list[Row]:
