@@ -5,6 +5,7 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table
+from shoe_lora_pipeline.core.fsutil import atomic_write_file
 from shoe_lora_pipeline.core.manifest import manifest_hash, scan_raw_dir
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
@@ -24,8 +25,7 @@ def raw_images(
     digest = manifest_hash(scan.manifest)
 
     out = layout.raw_manifest
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scan.manifest.to_csv(out, index=False)
+    atomic_write_file(out, lambda tmp: scan.manifest.to_csv(tmp, index=False))
     for skipped in scan.skipped:
         context.log.warning(f"skipped {skipped['path']}: {skipped['reason']}")
 

@@ -49,7 +49,13 @@ import torch
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-from shoe_lora_pipeline.core.fsutil import atomic_write_json, fsync_dir
+from shoe_lora_pipeline.core.fsutil import (
+    atomic_write_json,
+    disk_full_guard,
+    format_bytes,
+    free_bytes,
+    fsync_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -273,24 +279,25 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every rank's files are in tmp
-        if main:
-            if write_extra is not None:
-                write_extra(tmp)
-            atomic_write_json(
-                tmp / STATE_NAME,
-                {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()},
-                sort_keys=True,
-                default=str,
-            )
-            _fsync_tree(tmp)
-    except BaseException:
-        # Exceptions and Ctrl-C: leave no partial folder. (A SIGKILL leaves tmp; clean_stale_tmp handles it.)
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_full_guard(root):  # a full disk: the partial folder goes, the previous checkpoints stay
+        try:
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()  # every rank's files are in tmp
+            if main:
+                if write_extra is not None:
+                    write_extra(tmp)
+                atomic_write_json(
+                    tmp / STATE_NAME,
+                    {**state, "format": STATE_FORMAT, "global_step": step, "saved_at": time.time()},
+                    sort_keys=True,
+                    default=str,
+                )
+                _fsync_tree(tmp)
+        except BaseException:
+            # Exceptions and Ctrl-C: leave no partial folder. (A SIGKILL leaves tmp; clean_stale_tmp handles it.)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     if main:
         _publish(tmp, final)
@@ -478,3 +485,49 @@ def decide_start(
     return StartDecision(
         newest, f"resumed from {newest.path.name} (step {newest.step} of {max_train_steps})", lines
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# room on the disk
+# ----------------------------------------------------------------------------------------------
+
+# Per checkpoint beside the LoRA tensors and the two AdamW moments: RNG states, scheduler, JSON, losses.csv.
+CHECKPOINT_OVERHEAD_BYTES = 1 << 20
+# The export writes the LoRA three times (PEFT, diffusers, kohya) plus a card, provenance and a grid.
+EXPORT_COPIES, EXPORT_OVERHEAD_BYTES = 3, 4 << 20
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def space_needed(root: Path, lora_bytes: int, keep: int) -> tuple[int, str]:
+    """Bytes a training still needs in ``root`` (the checkpoints folder) and how they add up: room for
+    ``keep + 1`` checkpoints (rotation removes the oldest only after the newest is complete) less those on
+    disk already, and for the export. A checkpoint's size is the newest one's on disk, else the LoRA
+    tensors and AdamW's two moments."""
+    existing = list_checkpoints(root) if root.is_dir() else []
+    size = _tree_bytes(existing[-1].path) if existing else 3 * lora_bytes + CHECKPOINT_OVERHEAD_BYTES
+    new = max(1, keep + 1 - len(existing))
+    export = EXPORT_COPIES * lora_bytes + EXPORT_OVERHEAD_BYTES
+    how = (
+        f"{new} more checkpoint(s) of {format_bytes(size)} (checkpoints_total_limit {keep} + 1 while "
+        f"rotating, {len(existing)} on disk) and the export, {format_bytes(export)}"
+    )
+    return new * size + export, how
+
+
+def check_room_for_training(root: Path, lora_bytes: int, keep: int) -> None:
+    """Refuse to start a training that cannot write its checkpoints and export: raises
+    :class:`InsufficientSpaceError` with the numbers."""
+    needed, how = space_needed(root, lora_bytes, keep)
+    free = free_bytes(root)
+    if free is not None and free < needed:
+        raise InsufficientSpaceError(
+            f"not enough disk space to train in {root}: {format_bytes(free)} free, {format_bytes(needed)} "
+            f"needed for {how}; free some space or lower training.checkpoints_total_limit"
+        )
+
+
+class InsufficientSpaceError(RuntimeError):
+    """A training refused at its start because the disk cannot hold its checkpoints and export."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
+from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text, disk_full_guard
 
 from .imagehash import iter_near_duplicate_pairs
 from .normalise import (  # noqa: F401  (re-exported: the stage's public API)
@@ -334,22 +334,26 @@ def clean_images(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     images_dir, staging = out_dir / IMAGES_DIRNAME, out_dir / STAGING_DIRNAME
-    images_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
-    staging.mkdir()
 
     rows = _image_rows(manifest)
     params_key = params.key()
     candidates, rejects = _split_candidates(rows, params_key)
     cache = _load_cache(out_dir / CACHE_FILE)
-    results, reused_in, jobs, job_keys = _plan(candidates, cache, images_dir, staging, params)
-    results.update(zip(job_keys, map_in_workers(clean_file, jobs, workers, progress), strict=True))
-
-    kept = [c for c in candidates if results[c.entry_key]["status"] == "kept"]
-    names = _assign_names(kept)
-    keys_to_sha = {c.entry_key: c.sha256 for c in candidates}
-    removed = _place_outputs(images_dir, staging, cache["outputs"], names, reused_in, keys_to_sha)
-    shutil.rmtree(staging, ignore_errors=True)
+    # A full disk while the workers write staged PNGs: the staging folder goes, the published images and
+    # the cache stay as the last complete run left them.
+    with disk_full_guard(out_dir):
+        try:
+            images_dir.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            results, reused_in, jobs, job_keys = _plan(candidates, cache, images_dir, staging, params)
+            results.update(zip(job_keys, map_in_workers(clean_file, jobs, workers, progress), strict=True))
+            kept = [c for c in candidates if results[c.entry_key]["status"] == "kept"]
+            names = _assign_names(kept)
+            keys_to_sha = {c.entry_key: c.sha256 for c in candidates}
+            removed = _place_outputs(images_dir, staging, cache["outputs"], names, reused_in, keys_to_sha)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     for c in candidates:
         res = results[c.entry_key]

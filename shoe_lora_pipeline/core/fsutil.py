@@ -2,10 +2,16 @@
 
 Every stage writes its outputs so that a crash leaves either the old file or the new one, never half a
 file: write a temporary sibling, fsync it, then ``os.replace`` it into place.
+
+A full disk (ENOSPC, EDQUOT; EIO, which is what some network and FUSE file systems report) is the one write
+error every stage shares, so it is translated here, in one place: the helpers below remove their
+temporary file or folder and raise :class:`DiskFullError`, which names the folder and its free space.
+Writers outside the helpers (a checkpoint folder, an append) wrap themselves in :func:`disk_full_guard`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,9 +20,95 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PngImage
 
 _CHUNK = 1 << 20
+
+# The errors a full (or failing) disk raises at a write, fsync or rename.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk (or the quota) is full: names the folder and its free space.
+
+    An ``OSError`` with the original errno, so code that already handles ``OSError`` keeps working."""
+
+    def __init__(self, folder: Path, free_bytes: int | None, cause: OSError) -> None:
+        self.folder = Path(folder)
+        self.free_bytes = free_bytes
+        free = "unknown" if free_bytes is None else format_bytes(free_bytes)
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted"}.get(
+            cause.errno or 0, "the disk reported an I/O error (full or failing)"
+        )
+        super().__init__(
+            cause.errno,
+            f"{what} writing in {self.folder} ({free} free): {cause.strerror or cause}; "
+            "nothing half-written was kept, free some space and materialise again",
+        )
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Crosses process boundaries (a pool worker, Dagster's step process) with its own arguments.
+        return (DiskFullError, (self.folder, self.free_bytes, self.cause))
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` → ``'1.5 KiB'`` (for messages about space)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space for this user in ``folder`` (or its nearest existing parent); ``None`` if unknown."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@contextmanager
+def disk_full_guard(folder: Path) -> Iterator[None]:
+    """Re-raise a full-disk ``OSError`` from the block as :class:`DiskFullError` naming ``folder``. The block
+    removes its own partial output (the helpers below do)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(folder, free_bytes(folder), exc) from exc
+        raise
+
+
+def append_text(path: Path, text: str, fsync: bool = True) -> None:
+    """Append ``text`` to ``path`` (created if missing), fsynced unless told not to; if the write fails (a
+    full disk) the file is cut back to its previous length, so it never ends in a torn line."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    with disk_full_guard(path.parent):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:  # unbuffered: nothing is left to flush on close after a failure
+                    view = view[os.write(fd, view) :]
+                if fsync:
+                    os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, before)
+                raise
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path: Path | str) -> str:
@@ -52,17 +144,18 @@ def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` that the block fills; on a clean exit it is fsynced and
     ``os.replace``-d into place, on an error removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        fsync_file(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with disk_full_guard(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            fsync_file(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], object]) -> Path:
@@ -71,6 +164,12 @@ def atomic_write_file(path: Path, write: Callable[[Path], object]) -> Path:
     with _replaced_from_temporary(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+def atomic_save_png(path: Path, image: PngImage, **save_kwargs: Any) -> Path:
+    """``image.save(path, format="PNG", **save_kwargs)`` through a temporary sibling (PIL infers no format
+    from the temporary name, hence the explicit one)."""
+    return atomic_write_file(path, lambda tmp: image.save(tmp, format="PNG", **save_kwargs))
 
 
 @contextmanager
@@ -101,23 +200,24 @@ def atomic_write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
+    with disk_full_guard(out_dir.parent):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if old is not None:
-                os.replace(old / out_dir.name, out_dir)
-            raise
+            yield tmp
+            # Directories cannot be replaced in one rename: move the old one aside, put it back on failure.
+            old = None
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                os.replace(out_dir, old / out_dir.name)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                if old is not None:
+                    os.replace(old / out_dir.name, out_dir)
+                raise
+            finally:
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)

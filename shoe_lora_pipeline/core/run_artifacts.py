@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shoe_lora_pipeline.core.fsutil import atomic_write_text
+from shoe_lora_pipeline.core.fsutil import append_text, atomic_write_text
 
 logger = logging.getLogger("shoe_lora_pipeline.core.training")
 
@@ -63,11 +63,8 @@ def append_rows_csv(path: Path, rows: Sequence[Row], columns: Sequence[str]) -> 
     """Append rows; a header is written first when the file is new (a kill leaves at most a torn last line)."""
     if not rows:
         return
-    new = not Path(path).is_file()
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        if new:
-            f.write(",".join(columns) + "\n")
-        f.write(_csv_lines(rows, columns))
+    header = "" if Path(path).is_file() else ",".join(columns) + "\n"
+    append_text(path, header + _csv_lines(rows, columns))
 
 
 def read_rows_csv(path: Path | None, numeric: Callable[[str], Any] = float) -> list[Row]:
@@ -204,8 +201,7 @@ class RunLog:
         self.echo = echo
 
     def write(self, line: str, level: int = logging.INFO) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        append_text(self.path, line + "\n", fsync=False)
         logger.log(level, line)
         if self.echo is not None and level >= logging.INFO:
             self.echo(line)

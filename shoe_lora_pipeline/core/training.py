@@ -874,6 +874,9 @@ def train_lora(
         dirs = {"train_dir": Path(train_dir), "latents_dir": latents_dir}
         dirs |= {"val_dir": val_dir, "val_latents_dir": val_latents_dir}
         run = prepare_run(cfg, components, accelerator, dirs, log, device_info.name)
+        if main:  # before the first step: a disk that cannot hold the checkpoints refuses now, not at step 2500
+            lora_bytes = sum(p.numel() * p.element_size() for p in run.lora_params)
+            ckpt.check_room_for_training(ckpt_root, lora_bytes, tcfg.checkpoints_total_limit)
         global_step, history = restore(accelerator, start.resume_from, run, output_dir, log)
         ckpt_tag = ranks.broadcast(os.getpid())  # names the temporary checkpoint folder on every rank
         log.write("***** Running training *****")

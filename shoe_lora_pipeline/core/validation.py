@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from shoe_lora_pipeline.core.fsutil import atomic_save_png
 from shoe_lora_pipeline.core.latents import encode_captions
 
 if TYPE_CHECKING:
@@ -214,14 +215,15 @@ def run_validation(
                 rows.append(images)
                 for i, img in enumerate(images):
                     path = out_dir / f"epoch{epoch:03d}_step{step:05d}_prompt{p}_img{i}.png"
-                    img.save(path)
+                    atomic_save_png(path, img)
                     paths.append(path)
     finally:
         unet.train(was_training)
 
     labels = [f"P{p}: {text}" for p, text in enumerate(short_labels(prompts.prompts))]
     grid_path = out_dir / f"grid_step{step:05d}.png"
-    make_grid(rows, labels, title=f"step {step} (epoch {epoch})").save(grid_path)
+    grid = make_grid(rows, labels, title=f"step {step} (epoch {epoch})")
+    atomic_save_png(grid_path, grid)
     return ValidationResult(
         step=step, epoch=epoch, grid_path=grid_path, image_paths=paths, seconds=time.perf_counter() - start
     )

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shoe_lora_pipeline.core.fsutil import atomic_save_png, atomic_write_text
+
 MAX_IMAGES_PER_PROMPT = 1000  # image_seed packs the image index below this
 
 if TYPE_CHECKING:
@@ -103,7 +105,7 @@ def generate_images(
             )
             for i, (img, s) in enumerate(zip(images, seeds, strict=True)):
                 path = folder / image_filename(p, i)
-                img.convert("RGB").save(path)
+                atomic_save_png(path, img.convert("RGB"))
                 out.append(GeneratedImage(p, i, prompt, path, s))
     finally:
         if hasattr(pipe, "_progress_bar_config"):
@@ -121,5 +123,5 @@ def generate_images(
         },
         "images": [dict(g.to_dict(), path=g.path.name) for g in out],
     }
-    (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "index.json", json.dumps(index, indent=2) + "\n")
     return out

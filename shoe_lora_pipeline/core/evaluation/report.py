@@ -41,7 +41,7 @@ from shoe_lora_pipeline.core.evaluation.metrics import (
     MetricResult,
 )
 from shoe_lora_pipeline.core.evaluation.qa import QASummary
-from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
+from shoe_lora_pipeline.core.fsutil import atomic_save_png, atomic_write_json, atomic_write_text
 from shoe_lora_pipeline.core.markdown import md_table
 from shoe_lora_pipeline.core.run_artifacts import (
     VALIDATION_LOSS_NAME,
@@ -578,7 +578,7 @@ def write_comparison_grids(
         grid = comparison_grid(by_prompt[p], f"prompt {p}: {prompt}")
         path = folder / f"prompt{p}.png"
         folder.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        atomic_save_png(path, grid)
         comparisons.append(Comparison(p, prompt, path, grid))
     return comparisons
 

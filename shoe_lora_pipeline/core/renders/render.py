@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoe_lora_pipeline.core.fsutil import atomic_directory, atomic_write_json
+from shoe_lora_pipeline.core.fsutil import atomic_directory, atomic_write_json, disk_full_guard
 from shoe_lora_pipeline.core.renders.generate import (
     SAMPLERS,
     BatchStats,
@@ -230,21 +230,25 @@ def render_sheet(
     if todo:
         pipe, result.levers = load_pipeline()
         jobs = [job for sku in todo for job in _jobs(rows[sku], settings)]
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=paths.root))
-        try:
-            collect = _SkuCollector(paths, staging, rows, {s: keys[s] for s in todo}, settings, lora, run_id)
-            result.stats = render_batches(
-                pipe,
-                jobs,
-                steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                size=settings.size,
-                batch_size=settings.batch_size,
-                on_batch=collect,
-                log=log,
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        # A full disk mid-batch: the staging folder goes, the candidates of earlier runs stay.
+        with disk_full_guard(paths.root):
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=paths.root))
+            try:
+                collect = _SkuCollector(
+                    paths, staging, rows, {s: keys[s] for s in todo}, settings, lora, run_id
+                )
+                result.stats = render_batches(
+                    pipe,
+                    jobs,
+                    steps=settings.steps,
+                    guidance_scale=settings.guidance_scale,
+                    size=settings.size,
+                    batch_size=settings.batch_size,
+                    on_batch=collect,
+                    log=log,
+                )
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         existing.update(collect.records)
         result.rendered = todo
 
