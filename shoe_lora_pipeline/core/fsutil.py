@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -83,10 +84,18 @@ def disk_full_guard(folder: Path) -> Iterator[None]:
         yield
     except DiskFullError:
         raise
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(folder, free_bytes(folder), exc) from exc
+    except Exception as exc:
+        code = exc.errno if isinstance(exc, OSError) else _rust_io_errno(exc)
+        if code in DISK_FULL_ERRNOS:
+            cause = exc if isinstance(exc, OSError) else OSError(code, os.strerror(code))
+            raise DiskFullError(folder, free_bytes(folder), cause) from exc
         raise
+
+
+def _rust_io_errno(exc: Exception) -> int | None:
+    # safetensors (Rust) reports an I/O error as its own exception type, "... (os error 28)".
+    match = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(match.group(1)) if match else None
 
 
 def append_text(path: Path, text: str, fsync: bool = True) -> None:
