@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from shoe_lora_pipeline.core.distributed import die_with_parent
+from shoe_lora_pipeline.core.lifetime import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> None:

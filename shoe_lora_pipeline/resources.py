@@ -46,6 +46,13 @@ class PipelineConfigResource(dg.ConfigurableResource):
         # Validate before any asset body runs: a bad key or value fails the run at once, naming it.
         self._config = load_config(self.config_path or None, overrides=self.overrides)
 
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        # The category folder locks this run's steps took in this process (assets/_category.py).
+        from shoe_lora_pipeline.core.category_lock import release_run
+
+        if context.dagster_run is not None:
+            release_run(context.dagster_run.run_id)
+
     def get(self, category: str | None = None) -> PipelineConfig:
         """The whole configuration, or one product category's (its dataset and output folders)."""
         if self._config is None:

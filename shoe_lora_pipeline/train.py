@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoe_lora_pipeline.core.distributed import Ranks, die_with_parent
+from shoe_lora_pipeline.core.distributed import Ranks
+from shoe_lora_pipeline.core.lifetime import die_with_parent
 
 if TYPE_CHECKING:
     from dagster_pipes import PipesContext

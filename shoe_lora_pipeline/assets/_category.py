@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from shoe_lora_pipeline.core import category_lock
 from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.layout import Layout
+from shoe_lora_pipeline.core.lifetime import tie_step_to_run_worker
 
 if TYPE_CHECKING:  # annotations only (DeviceInfo is torch-heavy)
     from shoe_lora_pipeline.core.device import DeviceInfo
@@ -77,8 +79,19 @@ def category_config(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> tuple[PipelineConfig, Layout]:
     """What every asset body starts from: the config of the category this run is for
-    (:func:`category_of`) and that category's folders."""
+    (:func:`category_of`) and that category's folders, after the step's start-up:
+
+    * it ends with its run worker (``core/lifetime.py``): a SIGKILL of ``dagster asset materialize`` or a
+      run worker leaves no step of ours running;
+    * it holds the category's folder lock (``core/category_lock.py``) for this run: a step of another run
+      (this instance or another one) writing the same category waits, then fails naming it. The lock is
+      let go when the step's process ends or ``PipelineConfigResource`` is torn down (end of the step in
+      the multiprocess executor, end of the run in the in-process one).
+    """
     cfg = pipeline_config.get(category_of(context))
+    tie_step_to_run_worker()
+    folders = [cfg.dataset.output_dir, cfg.training.output_dir]
+    category_lock.acquire_all(folders, context.run_id, cfg.automation.category_lock_timeout_s)
     return cfg, Layout.of(cfg)
 
 

@@ -391,6 +391,12 @@ class AutomationConfig(_Strict):
     retrain_cron: str = Field("0 3 * * 1", description="When retrain_job runs (default: Mondays 03:00).")
     timezone: str = Field("UTC", description="IANA timezone of retrain_cron, e.g. Europe/Berlin.")
     sensor_interval_seconds: int = Field(60, ge=10, description="How often the new-photo sensor looks.")
+    category_lock_timeout_s: float = Field(
+        300.0,
+        ge=0.0,
+        description="How long a step waits for another run writing the same category folder before it fails "
+        "naming that run (core/category_lock.py).",
+    )
     gpu_slots: int = Field(
         1,
         ge=1,

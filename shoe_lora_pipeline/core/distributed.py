@@ -15,16 +15,14 @@ Ending together:
   A second SIGINT stops at once.
 * A rank that dies: torchrun sees it and terminates the others.
 * A launcher that is killed (SIGKILL of the Dagster step process, of ``accelerate launch``): nothing runs
-  in it any more, so each child asks the kernel to kill it when its parent dies (:func:`die_with_parent`).
+  in it any more, so each child asks the kernel to kill it when its parent dies (``core.lifetime.die_with_parent``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,31 +34,6 @@ T = TypeVar("T")
 def env_world_size() -> int:
     """The number of processes the launcher started (torchrun's ``WORLD_SIZE``; 1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Have this process receive ``sig`` as soon as its parent process ends (however it ends).
-
-    Linux: the kernel's ``PR_SET_PDEATHSIG``; elsewhere a daemon thread that watches the parent pid. Both
-    check once that the parent is not already gone (the race between fork and this call).
-    """
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) == 0:
-            if os.getppid() != parent:
-                os.kill(os.getpid(), sig)
-            return
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), sig)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 class Ranks:

@@ -21,6 +21,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
+from shoe_lora_pipeline.core.lifetime import die_with_parent
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -71,7 +73,10 @@ def map_in_workers(
         # Chunks keep the per-item IPC small; several per worker keep the workers evenly busy.
         chunksize = max(1, min(32, len(items) // (n * 4)))
         try:
-            with ProcessPoolExecutor(max_workers=n, mp_context=_context(fn)) as pool:
+            # Each worker ends with its parent (the forkserver, which ends with this process): a killed
+            # step leaves no worker decoding on.
+            ctx = _context(fn)
+            with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=die_with_parent) as pool:
                 for result in pool.map(fn, items, chunksize=chunksize):
                     collect(result)
         except BrokenProcessPool as exc:

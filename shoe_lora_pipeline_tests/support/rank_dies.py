@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from shoe_lora_pipeline.core.distributed import Ranks, die_with_parent
+from shoe_lora_pipeline.core.distributed import Ranks
+from shoe_lora_pipeline.core.lifetime import die_with_parent
 
 if __name__ == "__main__":
     die_with_parent()
