@@ -50,8 +50,8 @@ class PipelineConfigResource(dg.ConfigurableResource):
         # The category folder locks this run's steps took in this process (assets/_category.py).
         from shoe_lora_pipeline.core.category_lock import release_run
 
-        if context.dagster_run is not None:
-            release_run(context.dagster_run.run_id)
+        if context.run is not None:
+            release_run(context.run.run_id)
 
     def get(self, category: str | None = None) -> PipelineConfig:
         """The whole configuration, or one product category's (its dataset and output folders)."""

@@ -91,7 +91,7 @@ def category_config(
     cfg = pipeline_config.get(category_of(context))
     tie_step_to_run_worker()
     folders = [cfg.dataset.output_dir, cfg.training.output_dir]
-    category_lock.acquire_all(folders, context.run_id, cfg.automation.category_lock_timeout_s)
+    category_lock.acquire_all(folders, context.run.run_id, cfg.automation.category_lock_timeout_s)
     return cfg, Layout.of(cfg)
 
 
