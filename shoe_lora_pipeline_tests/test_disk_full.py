@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 from shoe_lora_pipeline.core import fsutil
 from shoe_lora_pipeline.core.fsutil import DiskFullError
 from shoe_lora_pipeline.core.run_artifacts import append_rows_csv, read_rows_csv
-from shoe_lora_pipeline_tests.support.disk import enospc, fill, small_tmpfs
+from shoe_lora_pipeline_tests.support.disk import FILLER, enospc, fill, small_tmpfs
 
 BIG = "x" * 400_000  # larger than the little room left on the full tmpfs
 
@@ -106,3 +107,32 @@ def test_the_error_crosses_process_boundaries():
     err = DiskFullError(Path("/x"), 123, OSError(errno.ENOSPC, "No space left on device"))
     back = pickle.loads(pickle.dumps(err))
     assert (type(back), back.folder, back.free_bytes, str(back)) == (DiskFullError, Path("/x"), 123, str(err))
+
+
+def test_cleaning_on_a_full_disk_keeps_the_last_complete_run(full_disk, tmp_path, monkeypatch):
+    from shoe_lora_pipeline.core import normalise
+    from shoe_lora_pipeline.core.cleaning import CleaningParams, clean_images
+    from shoe_lora_pipeline.core.config import CleaningConfig
+    from shoe_lora_pipeline.core.manifest import scan_raw_dir
+    from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR
+
+    disk, make_full = full_disk
+    raw, out = tmp_path / "raw", disk / "cleaned"
+    raw.mkdir()
+    photos = sorted(DEMO_RAW_DIR.glob("100*.jpg"))[:6]
+    params = CleaningParams.from_config(CleaningConfig(), 128)
+    for p in photos[:3]:
+        shutil.copy2(p, raw / p.name)
+    clean_images(scan_raw_dir(raw).manifest, out, params, workers=1)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    for p in photos[3:]:
+        shutil.copy2(p, raw / p.name)
+    make_full()
+    if not (disk / FILLER).exists():  # the injected variant: the staged PNG's write fails
+        monkeypatch.setattr(normalise, "save_png", enospc)
+    with pytest.raises(DiskFullError) as err:
+        clean_images(scan_raw_dir(raw).manifest, out, params, workers=1)
+    assert err.value.folder == out and "the disk is full" in str(err.value)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out / ".clean_staging").exists()
