@@ -38,6 +38,7 @@ from pathlib import Path
 
 LOCK_NAME = ".lock"
 GATE_NAME = ".lock.gate"
+FILE_NAMES = (LOCK_NAME, GATE_NAME)  # what the lock leaves in a category folder
 POLL_INTERVAL_S = 0.2
 
 
