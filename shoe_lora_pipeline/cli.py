@@ -284,9 +284,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     import csv
     import hashlib
     import io
+    import os
 
+    from shoe_lora_pipeline.core import category_lock
+    from shoe_lora_pipeline.core.category_lock import CategoryLockedError
     from shoe_lora_pipeline.core.config import ConfigError, load_config
     from shoe_lora_pipeline.core.device import DeviceError, choose_device
+    from shoe_lora_pipeline.core.fsutil import DiskFullError
     from shoe_lora_pipeline.core.layout import Layout
     from shoe_lora_pipeline.core.models import BaseModelError, resolve_base_model
     from shoe_lora_pipeline.core.renders import (
@@ -335,13 +339,24 @@ def cmd_render(args: argparse.Namespace) -> int:
             lora_scale=cfg.export.fuse_lora_scale,
             compile_unet=cfg.renders.compile,
         )
+        # The category's folders have one writer at a time, Dagster runs and this command alike.
+        holder = f"shoe-lora render (pid {os.getpid()})"
+        folders = [cfg.dataset.output_dir, cfg.training.output_dir]
+        category_lock.acquire_all(folders, holder, cfg.automation.category_lock_timeout_s)
         render_sheet(sheet, out, RenderSettings.from_config(cfg), lora, load, log=log)
         paths = RenderPaths(out)
         review_renders(
             paths, auto_approve=cfg.renders.auto_approve, require_qa_pass=cfg.renders.require_qa_pass
         )
         result = publish_renders(paths, config_hash=cfg.config_hash(), run_id=None, log=log)
-    except (ConfigError, DeviceError, BaseModelError, RenderSourceError) as exc:
+    except (
+        ConfigError,
+        DeviceError,
+        BaseModelError,
+        RenderSourceError,
+        CategoryLockedError,
+        DiskFullError,
+    ) as exc:
         return _error("render", str(exc))
     for r in result.rows:
         print(f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={r['qa_passed']}")

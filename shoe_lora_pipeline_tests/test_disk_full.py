@@ -10,12 +10,15 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 from PIL import Image
 
+from shoe_lora_pipeline.assets import category_assets
 from shoe_lora_pipeline.core import fsutil
 from shoe_lora_pipeline.core.fsutil import DiskFullError
 from shoe_lora_pipeline.core.run_artifacts import append_rows_csv, read_rows_csv
+from shoe_lora_pipeline.resources import PipelineConfigResource
 from shoe_lora_pipeline_tests.support.disk import FILLER, enospc, fill, small_tmpfs
 
 BIG = "x" * 400_000  # larger than the little room left on the full tmpfs
@@ -136,3 +139,39 @@ def test_cleaning_on_a_full_disk_keeps_the_last_complete_run(full_disk, tmp_path
     assert err.value.folder == out and "the disk is full" in str(err.value)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not (out / ".clean_staging").exists()
+
+
+def test_the_data_stage_step_says_the_disk_is_full_and_keeps_the_old_captions(tmp_path, monkeypatch):
+    from shoe_lora_pipeline_tests.data.test_dataset_assets import materialize_data, write_config
+    from shoe_lora_pipeline_tests.support.paths import DEMO_RAW_DIR
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    photos = sorted(DEMO_RAW_DIR.glob("100*.jpg"))[:8]
+    for p in photos[:5]:
+        shutil.copy2(p, raw / p.name)
+    config = write_config(tmp_path, raw)
+    assert materialize_data(config).success
+    out = tmp_path / "out" / "casual_shoes"
+    captions = (out / "captions.json").read_bytes()
+
+    for p in photos[5:]:  # new photos: new captions to write
+        shutil.copy2(p, raw / p.name)
+    real = fsutil.fsync_file
+    monkeypatch.setattr(fsutil, "fsync_file", lambda p: enospc() if "captions.json" in p.name else real(p))
+    result = dg.materialize(
+        category_assets("casual_shoes", ["raw_images", "cleaned_images", "captions"]),
+        resources={"pipeline_config": PipelineConfigResource(config_path=str(config))},
+        raise_on_error=False,
+    )
+    (failure,) = result.get_step_failure_events()
+    error = failure.step_failure_data.error
+    message = error.cause.message if error.cause else error.message
+    assert "DiskFullError" in (error.cause.cls_name if error.cause else error.cls_name)
+    assert f"the disk is full writing in {out} (" in message and " free)" in message
+    assert (out / "captions.json").read_bytes() == captions
+    assert leftovers(out) == []
+
+    monkeypatch.undo()  # space freed: the next run completes
+    assert materialize_data(config).success
+    assert (out / "captions.json").read_bytes() != captions

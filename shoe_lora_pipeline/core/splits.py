@@ -30,7 +30,7 @@ from .captions import (
     write_captions_json,
 )
 from .config import SplitConfig
-from .fsutil import file_sha256
+from .fsutil import disk_full_guard, file_sha256
 from .layout import SPLITS
 
 SPLIT_SALT = "split-v1"  # changing it reshuffles every image: only on purpose
@@ -129,7 +129,12 @@ def _place(src: Path, dest: Path) -> str:
         os.link(src, tmp)
         how = "linked"
     except OSError:  # other filesystem, or links unsupported/forbidden
-        shutil.copy2(src, tmp)
+        with disk_full_guard(dest.parent):
+            try:
+                shutil.copy2(src, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk leaves no partial copy
+                raise
         how = "copied"
     os.replace(tmp, dest)  # atomic; also replaces a stray symlink rather than writing through it
     return how
