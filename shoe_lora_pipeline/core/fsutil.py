@@ -153,24 +153,23 @@ def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` that the block fills; on a clean exit it is fsynced and
     ``os.replace``-d into place, on an error removed."""
     path = Path(path)
-    with disk_full_guard(path.parent):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            fsync_file(Path(tmp))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fsync_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], object]) -> Path:
     """Let ``write(tmp)`` create a temporary sibling of ``path``, then sync and rename it into place
     (for writers that take a file name: safetensors, PIL, torch.save)."""
-    with _replaced_from_temporary(path) as tmp:
+    with disk_full_guard(Path(path).parent), _replaced_from_temporary(path) as tmp:
         write(tmp)
     return Path(path)
 
@@ -185,7 +184,11 @@ def atomic_save_png(path: Path, image: PngImage, **save_kwargs: Any) -> Path:
 def atomic_writer(path: Path) -> Iterator[TextIO]:
     """A UTF-8 text handle on a temporary sibling of ``path``, synced and renamed into place on a clean
     exit. Lets big files be written in pieces (e.g. ``json.dump``) instead of as one string in memory."""
-    with _replaced_from_temporary(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with (
+        disk_full_guard(Path(path).parent),
+        _replaced_from_temporary(path) as tmp,
+        open(tmp, "w", encoding="utf-8") as fh,
+    ):
         yield fh
 
 
@@ -207,26 +210,33 @@ def atomic_write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
 
 @contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds; a full disk
+    raises :class:`DiskFullError` after the temporary folder is removed."""
+    with disk_full_guard(Path(out_dir).parent), _atomic_directory(out_dir) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
     out_dir = Path(out_dir)
-    with disk_full_guard(out_dir.parent):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
         try:
-            yield tmp
-            # Directories cannot be replaced in one rename: move the old one aside, put it back on failure.
-            old = None
-            if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-                os.replace(out_dir, old / out_dir.name)
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                if old is not None:
-                    os.replace(old / out_dir.name, out_dir)
-                raise
-            finally:
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old is not None:
+                os.replace(old / out_dir.name, out_dir)
+            raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
