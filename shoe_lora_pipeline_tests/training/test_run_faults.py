@@ -26,6 +26,7 @@ from shoe_lora_pipeline.assets import category_assets
 from shoe_lora_pipeline.core import category_lock
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 from shoe_lora_pipeline_tests.support.dagster_cli import materialize_command
+from shoe_lora_pipeline_tests.support.dagster_server import running_dagster_dev
 from shoe_lora_pipeline_tests.support.paths import REPO_ROOT
 from shoe_lora_pipeline_tests.support.training import make_cfg
 
@@ -144,3 +145,49 @@ def test_a_killed_run_leaves_nothing_and_no_other_run_writes_beside_a_live_one(
     # The kernel let go of the dead run's lock: the next run takes it at once.
     category_lock.acquire(tmp_path / "data", "next-run", timeout_s=0)
     category_lock.release_run("next-run")
+
+
+LAUNCH_RUN = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+
+def test_sigkill_of_dagster_dev_leaves_no_step_of_the_run(tmp_path, tiny_sd_cache, dataset):
+    """The same under ``dagster dev``: its code server outlives it by design (it lets launched runs
+    finish), so the step watches the Dagster processes above it, not only its parent."""
+    config = endless_training_config(tmp_path, dataset)
+    out = tmp_path / "data" / "lora"
+    env = {"SHOE_LORA_CONFIG": str(config), "SHOE_LORA_CACHE": str(tiny_sd_cache), "OMP_NUM_THREADS": "1"}
+    with running_dagster_dev(tmp_path, env) as server:
+        workspace = server.wait_until_loaded()
+        location = workspace["locationEntries"][0]["name"]
+        resources = {"device": {"config": {"device": "cpu"}}}
+        params = {
+            "selector": {
+                "repositoryLocationName": location,
+                "repositoryName": "__repository__",
+                "jobName": "__ASSET_JOB",
+                "assetSelection": [{"path": ["lora_training"]}],
+            },
+            "runConfigData": {"resources": resources},
+        }
+        launched = server.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not (out / "checkpoints" / "checkpoint-2").is_dir():
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"training never started:\n{server.log_tail()}")
+            time.sleep(0.2)
+        step = psutil.Process(category_lock.read_holder(tmp_path / "data")["pid"])
+        run_worker = step.parent()
+        server.proc.kill()  # SIGKILL of `dagster dev` only
+        _, alive = psutil.wait_procs([step, run_worker], timeout=10)
+        left = [(p.pid, " ".join(p.cmdline()[-4:])) for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"left running 10 s after dagster dev was killed: {left}"
