@@ -47,6 +47,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` both sets and
+    returns it, which would briefly change it for every other thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_mode(path: Path | str, is_dir: bool) -> None:
+    """Give a ``mkstemp`` file (created 0600) or ``mkdtemp`` folder (0700) the mode a plain ``open()`` /
+    ``mkdir`` would have: 0666 or 0777 less the umask, so the team and a web server can read the outputs."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_current_umask())
+
+
 @contextmanager
 def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` that the block fills; on a clean exit it is fsynced and
@@ -55,6 +76,7 @@ def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    apply_umask_mode(tmp, is_dir=False)
     try:
         yield Path(tmp)
         fsync_file(Path(tmp))
@@ -103,6 +125,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    apply_umask_mode(tmp, is_dir=True)
     try:
         yield tmp
         # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
