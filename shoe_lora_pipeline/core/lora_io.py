@@ -1013,3 +1013,15 @@ def kohya_tensor_hash(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def lora_content_sha256(path: Path) -> str:
+    """What of a diffusers LoRA file decides the pixels it gives: the tensor bytes and the adapter
+    metadata diffusers applies (rank, alpha, targets), not the provenance or kohya facts in the header.
+    Renders are keyed on it, so re-writing the same LoRA with other provenance re-renders nothing."""
+    adapter = _safetensors_metadata(Path(path)).get("lora_adapter_metadata")
+    payload = {
+        "tensors_sha256": kohya_tensor_hash(path),
+        "adapter": json.loads(adapter) if adapter else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

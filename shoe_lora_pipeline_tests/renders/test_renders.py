@@ -152,11 +152,11 @@ def test_rerun_reproduces_and_only_changed_rows_rerender(tmp_path: Path, exporte
     assert changed.rendered == ["NEW-3", "CS-1"] and changed.reused == ["Ü-2"] and len(calls) == 1
     assert pixels(tmp_path / "a" / "candidates" / "Ü-2") == before
 
-    # A new LoRA file re-renders everything; a SKU that left the sheet is removed.
+    # A LoRA with other tensors re-renders everything; a SKU that left the sheet is removed.
     (tmp_path / "specs.csv").write_text(
         "sku,colour,type,characteristics,count,view\nÜ-2,white,casual sneakers,,2,\n", encoding="utf-8"
     )
-    newer = render(cfg, tmp_path / "a", loader, lora_sha256="0" * 64)
+    newer = render(cfg, tmp_path / "a", loader, content_sha256="0" * 64)
     assert newer.rendered == ["Ü-2"] and sorted(newer.removed) == ["CS-1", "NEW-3"]
     assert sorted(p.name for p in (tmp_path / "a" / "candidates").iterdir()) == ["Ü-2"]
 
