@@ -299,9 +299,7 @@ def contact_sheet_html(
             f"<p class='prompt'>{esc(record['row']['prompt'])}<br>negative: {esc(record['row']['negative_prompt'])}</p>"
             "<div class='grid'>"
         )
-        parts += [
-            _figure(sku, c, _decision_of(decisions, sku, c), approved) for c in record["candidates"]
-        ]
+        parts += [_figure(sku, c, _decision_of(decisions, sku, c), approved) for c in record["candidates"]]
         parts.append("</div>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
