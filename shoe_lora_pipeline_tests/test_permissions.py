@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from shoe_lora_pipeline.core.fsutil import (
     atomic_directory,
@@ -40,6 +42,8 @@ def test_atomic_helpers_follow_the_umask(tmp_path: Path, umask: int) -> None:
         atomic_write_text(tmp_path / "reviews.csv", "sku,file\n"),
         atomic_write_json(tmp_path / "index.json", {"a": 1}),
         atomic_write_file(tmp_path / "weights.bin", lambda p: Path(p).write_bytes(b"w")),
+        # safetensors (>= 0.8) replaces the file it is given with one of its own, mode 0600
+        atomic_write_file(tmp_path / "latents.safetensors", lambda p: save_file({"x": torch.ones(2)}, str(p))),
     ]
     with atomic_writer(tmp_path / "manifest.csv") as fh:
         fh.write("sku\n")
@@ -47,8 +51,9 @@ def test_atomic_helpers_follow_the_umask(tmp_path: Path, umask: int) -> None:
     with atomic_directory(tmp_path / "published") as tmp:
         (tmp / "CS-1").mkdir()
         atomic_write_text(tmp / "CS-1" / "a.txt", "a")
+        save_file({"x": torch.ones(2)}, str(tmp / "CS-1" / "b.safetensors"))
 
-    for path in [*written, tmp_path / "published" / "CS-1" / "a.txt"]:
+    for path in [*written, *(tmp_path / "published" / "CS-1").iterdir()]:
         assert mode(path) == 0o666 & ~umask == mode(plain_file), path
     for folder in (tmp_path / "published", tmp_path / "published" / "CS-1"):
         assert mode(folder) == 0o777 & ~umask == mode(plain_dir), folder

@@ -62,10 +62,12 @@ def _current_umask() -> int:
     return mask
 
 
-def apply_umask_mode(path: Path | str, is_dir: bool) -> None:
-    """Give a ``mkstemp`` file (created 0600) or ``mkdtemp`` folder (0700) the mode a plain ``open()`` /
-    ``mkdir`` would have: 0666 or 0777 less the umask, so the team and a web server can read the outputs."""
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_current_umask())
+def apply_umask_mode(path: Path | str, is_dir: bool, umask: int | None = None) -> None:
+    """Give a ``mkstemp`` file (created 0600), a ``mkdtemp`` folder (0700) or a file a library wrote 0600
+    (safetensors >= 0.8 replaces its output with a 0600 file) the mode a plain ``open()`` / ``mkdir``
+    would have: 0666 or 0777 less the umask, so the team and a web server can read the outputs."""
+    mask = _current_umask() if umask is None else umask
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
 
 
 @contextmanager
@@ -76,9 +78,9 @@ def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    apply_umask_mode(tmp, is_dir=False)
     try:
         yield Path(tmp)
+        apply_umask_mode(tmp, is_dir=False)  # after the writer, which may have replaced the file
         fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -121,13 +123,17 @@ def atomic_write_json(path: Path, data: Any, **dumps_kwargs: Any) -> Path:
 
 @contextmanager
 def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
+    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds; its files and
+    folders get the umask's modes (:func:`apply_umask_mode`) whatever wrote them."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    apply_umask_mode(tmp, is_dir=True)
     try:
         yield tmp
+        mask = _current_umask()
+        for p in [tmp, *tmp.rglob("*")]:
+            if not p.is_symlink():
+                apply_umask_mode(p, p.is_dir(), mask)
         # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
         old = None
         if out_dir.exists():
