@@ -43,7 +43,9 @@ def test_atomic_helpers_follow_the_umask(tmp_path: Path, umask: int) -> None:
         atomic_write_json(tmp_path / "index.json", {"a": 1}),
         atomic_write_file(tmp_path / "weights.bin", lambda p: Path(p).write_bytes(b"w")),
         # safetensors (>= 0.8) replaces the file it is given with one of its own, mode 0600
-        atomic_write_file(tmp_path / "latents.safetensors", lambda p: save_file({"x": torch.ones(2)}, str(p))),
+        atomic_write_file(
+            tmp_path / "latents.safetensors", lambda p: save_file({"x": torch.ones(2)}, str(p))
+        ),
     ]
     with atomic_writer(tmp_path / "manifest.csv") as fh:
         fh.write("sku\n")

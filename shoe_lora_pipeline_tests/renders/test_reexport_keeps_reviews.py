@@ -20,7 +20,9 @@ from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
 from shoe_lora_pipeline_tests.support.training import one_torch_thread
 
 SPECS = "sku,colour,type,characteristics,count,view\nCS-1,black,casual,lace-up,1,side\nCS-2,white,casual sneakers,,2,\n"
-CAPTION = "A professional product photo of black casual shoes on white background, side view, product photography"
+CAPTION = (
+    "A professional product photo of black casual shoes on white background, side view, product photography"
+)
 
 
 @pytest.fixture
@@ -41,7 +43,11 @@ def project(tmp_path: Path, base_dir: Path) -> Path:
     (ckpt / "training_state.json").write_text(json.dumps({**state, "saved_at": 1_780_000_000.5}))
     train = tmp_path / "out" / "train"
     train.mkdir(parents=True)
-    entry = {"image_file": "a.png", "caption": CAPTION, "metadata": {"original_size": [64, 64], "processed": True}}
+    entry = {
+        "image_file": "a.png",
+        "caption": CAPTION,
+        "metadata": {"original_size": [64, 64], "processed": True},
+    }
     (train / "captions.json").write_text(json.dumps([entry]))
     (tmp_path / "specs.csv").write_text(SPECS, encoding="utf-8")
     cfg = tmp_path / "category.yaml"
@@ -101,7 +107,9 @@ def test_reject_survives_a_no_op_reexport(tmp_path: Path, tiny_sd_cache: Path, u
     first = run([*export, *renders_group])
     assert first["product_renders"]["skus_rendered"] == 2
     weights = {p.name: p.read_bytes() for p in lora_dir.iterdir() if p.name != "provenance.json"}
-    candidates = {p.relative_to(renders / "candidates").as_posix() for p in renders.rglob("candidates/*/*.png")}
+    candidates = {
+        p.relative_to(renders / "candidates").as_posix() for p in renders.rglob("candidates/*/*.png")
+    }
     before = published(renders)
     assert len(before) == 3 and len(review_rows(renders)) == 6
 
@@ -127,9 +135,9 @@ def test_reject_survives_a_no_op_reexport(tmp_path: Path, tiny_sd_cache: Path, u
     assert after_meta["product_renders"]["skus_rendered"] == 0
     assert after_meta["product_renders"]["skus_unchanged"] == 2
     assert after_meta["product_renders"]["images_generated"] == 0
-    assert {p.relative_to(renders / "candidates").as_posix() for p in renders.rglob("candidates/*/*.png")} == (
-        candidates
-    )
+    assert {
+        p.relative_to(renders / "candidates").as_posix() for p in renders.rglob("candidates/*/*.png")
+    } == (candidates)
     rows_after = review_rows(renders)
     assert len(rows_after) == 6  # no orphaned row at the bottom
     assert rows_after[target] == {**rows[target], "decision": "reject", "note": "scuffed toe"}
