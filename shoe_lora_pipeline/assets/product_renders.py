@@ -85,6 +85,7 @@ def product_renders(
         "images_generated": result.stats.images,
         "candidates_passing_qa": result.n_passing,
         "lora_sha256": lora.lora_sha256,
+        "lora_content_sha256": lora.content_sha256,  # what the renders are keyed on
         "pipeline": "final_pipeline" if lora.fused_dir else "base + LoRA",
         "speed_levers": ", ".join(result.levers) or "none (CPU/MPS)",
         "renders_dir": dg.MetadataValue.path(str(layout.renders_dir)),

@@ -139,8 +139,14 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
         assert mats[stage].metadata["device"].value == "cpu"
         assert mats[stage].metadata["device_details"].value["type"] == "cpu"
 
-    # A second materialisation with nothing changed does not train again.
-    again = dg.materialize(category_assets("casual_shoes", ["lora_training"]), resources=resources)
+    # A second materialisation with nothing changed does not train again, and its export (as retrain_job
+    # or `--select '*'` runs it) writes the very same files: only provenance.json names the new run.
+    exported = {p.name: p.read_bytes() for p in weights.iterdir() if p.name != "provenance.json"}
+    again = dg.materialize(
+        category_assets("casual_shoes", ["lora_training", "lora_weights"]), resources=resources
+    )
     meta = {m.asset_key.path[-1]: m.materialization for m in again.get_asset_materialization_events()}
     assert meta["lora_training"].metadata["skipped_already_complete"].value is True
     assert meta["lora_training"].metadata["steps_this_run"].value == 0
+    assert {p.name: p.read_bytes() for p in weights.iterdir() if p.name != "provenance.json"} == exported
+    assert again.run_id in (weights / "provenance.json").read_text()
