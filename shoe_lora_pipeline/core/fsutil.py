@@ -70,6 +70,14 @@ def apply_umask_mode(path: Path | str, is_dir: bool, umask: int | None = None) -
     os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
 
 
+def _apply_umask_tree(root: Path) -> None:
+    """:func:`apply_umask_mode` on ``root`` and everything in it (symlinks left alone)."""
+    mask = _current_umask()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            apply_umask_mode(p, p.is_dir(), mask)
+
+
 @contextmanager
 def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` that the block fills; on a clean exit it is fsynced and
@@ -130,10 +138,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        mask = _current_umask()
-        for p in [tmp, *tmp.rglob("*")]:
-            if not p.is_symlink():
-                apply_umask_mode(p, p.is_dir(), mask)
+        _apply_umask_tree(tmp)
         # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
         old = None
         if out_dir.exists():
