@@ -68,3 +68,12 @@ def test_atomic_helpers_follow_the_umask(tmp_path: Path, umask: int) -> None:
         pass
     assert mode(tmp_path / "reviews.csv") == 0o666 & ~umask
     assert mode(tmp_path / "published") == 0o777 & ~umask
+
+
+def test_tiny_model_folder_follows_the_umask(tmp_path: Path, umask: int) -> None:
+    from shoe_lora_pipeline.core.models import build_tiny_sd
+
+    folder = build_tiny_sd(tmp_path / "tiny-sd")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert mode(folder) == mode(folder / "unet") == 0o777 & ~umask
+    assert mode(weights) == mode(folder / "model_index.json") == 0o666 & ~umask

@@ -70,7 +70,7 @@ def apply_umask_mode(path: Path | str, is_dir: bool, umask: int | None = None) -
     os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
 
 
-def _apply_umask_tree(root: Path) -> None:
+def apply_umask_tree(root: Path) -> None:
     """:func:`apply_umask_mode` on ``root`` and everything in it (symlinks left alone)."""
     mask = _current_umask()
     for p in [root, *root.rglob("*")]:
@@ -138,7 +138,7 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
-        _apply_umask_tree(tmp)
+        apply_umask_tree(tmp)
         # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
         old = None
         if out_dir.exists():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shoe_lora_pipeline.core.fsutil import apply_umask_mode
+from shoe_lora_pipeline.core.fsutil import apply_umask_tree
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -220,9 +220,9 @@ def build_tiny_sd(target_dir: Path) -> Path:
     # Write next to the target and rename, so a concurrent or interrupted build never leaves half a model.
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target_dir.parent))
-    apply_umask_mode(tmp_dir, is_dir=True)
     try:
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
+        apply_umask_tree(tmp_dir)  # mkdtemp made it 0700 and safetensors writes 0600
         try:
             os.replace(tmp_dir, target_dir)
         except OSError:
