@@ -1,6 +1,7 @@
 """End to end on the tiny model: every asset of the graph materialised in-process, then re-run."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,12 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
 
     out = tmp_path / "out" / "casual_shoes" / "lora"
     assert {p.name for p in (out / "checkpoints").iterdir()} >= {"checkpoint-2", "checkpoint-4"}
+    # Everything the run wrote follows the umask (safetensors alone would write 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert not [
+        p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.stat().st_mode & 0o666 != 0o666 & ~umask
+    ]
     # the val split (cached by training_latents) gives a validation loss at the validation step
     assert (out / "latent_cache_val" / "index.json").is_file()
     assert (out / "validation_loss.csv").read_text().splitlines()[1].startswith("4,")
