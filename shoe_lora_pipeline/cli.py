@@ -230,7 +230,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         run_id, prefer = provenance.get("dagster_run_id"), provenance.get("dataset_name")
         if not run_id:
             return _error(
-                "lineage", f"{args.path}: its provenance has no dagster_run_id (exported outside Dagster?)"
+                "lineage",
+                f"{args.path}: its provenance has no dagster_run_id (exported outside Dagster? a weights "
+                "file records its export run only in the provenance.json beside it: pass that folder, or "
+                "--run RUN_ID)",
             )
 
     from shoe_lora_pipeline import lineage as lin

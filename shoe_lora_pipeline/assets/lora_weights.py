@@ -1,6 +1,9 @@
 """lora_weights: the trained LoRA in PEFT, diffusers and kohya/A1111 formats, with provenance and a card."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
+import hashlib
+import json
+
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config
@@ -18,7 +21,8 @@ from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResour
     description="adapter_config.json + adapter_model.safetensors (PEFT), pytorch_lora_weights.safetensors "
     "(diffusers, alpha honoured), a kohya file named after the dataset (e.g. casual_shoes_lora.safetensors, "
     "for A1111/ComfyUI/Civitai) and a model card; "
-    "every file carries the provenance shown by `shoe-lora audit`.",
+    "every file carries the provenance shown by `shoe-lora audit`. Reproducible: the same checkpoint and "
+    "config give byte-identical files (this run's id and time are only in provenance.json).",
 )
 def lora_weights(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource
@@ -52,7 +56,11 @@ def lora_weights(
         context.log.warning(warning)
 
     files = [{"file": name, "sha256": digest[:16]} for name, digest in sorted(result.file_sha256.items())]
+    # The exported bytes do not depend on the run (core/lora_io.py: reproducible exports), so a no-op
+    # re-export keeps the data version and leaves final_pipeline and the renders up to date.
+    content = hashlib.sha256(json.dumps(result.file_sha256, sort_keys=True).encode()).hexdigest()
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(content),
         metadata={
             **config_metadata(cfg, base_model=ckpt.state.get("base_model")),
             "checkpoint": ckpt.path.name,

@@ -29,7 +29,8 @@ from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, Pipe
     code_version="1",
     description="Renders renders.specs_csv: count × candidates_per_image candidates per SKU from the fused "
     "pipeline (or base + LoRA), batched across SKUs, seeds from (sku, index), each scored with the product "
-    "QA and ranked. Incremental: a SKU re-renders only when its row, the settings or the LoRA file change. "
+    "QA and ranked. Incremental: a SKU re-renders only when its row, the settings or the LoRA's weights "
+    "change (re-exporting the same LoRA re-renders nothing). "
     "Refused rows are named in the log and rejected_specs.csv.",
 )
 def product_renders(
@@ -84,6 +85,7 @@ def product_renders(
         "images_generated": result.stats.images,
         "candidates_passing_qa": result.n_passing,
         "lora_sha256": lora.lora_sha256,
+        "lora_content_sha256": lora.content_sha256,  # what the renders are keyed on
         "pipeline": "final_pipeline" if lora.fused_dir else "base + LoRA",
         "speed_levers": ", ".join(result.levers) or "none (CPU/MPS)",
         "renders_dir": dg.MetadataValue.path(str(layout.renders_dir)),

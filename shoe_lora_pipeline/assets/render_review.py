@@ -15,9 +15,10 @@ from shoe_lora_pipeline.resources import PipelineConfigResource
     kinds={"html"},
     code_version="1",
     description="contact_sheet.html (best candidates first, QA scores, prompt, seed) and reviews.csv "
-    "(sku, file, decision, note) for a reviewer to edit; decisions survive re-runs. Approves what reviews "
-    "approve plus, with renders.auto_approve, the top `count` candidates no review rejects (QA-passing "
-    "ones only with renders.require_qa_pass).",
+    "(sku, file, decision, note, seed, image_sha256) for a reviewer to edit; a decision belongs to the "
+    "image (sku, seed, pixel hash), so it survives re-runs and renames. Approves what reviews approve "
+    "plus, with renders.auto_approve, the top `count` candidates no review rejects and no rejected image "
+    "equals (QA-passing ones only with renders.require_qa_pass).",
 )
 def render_review(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource

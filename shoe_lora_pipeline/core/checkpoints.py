@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 from shoe_lora_pipeline.core.fsutil import (
+    apply_umask_tree,
     atomic_write_json,
     disk_full_guard,
     format_bytes,
@@ -292,6 +293,7 @@ def save_checkpoint(
                     sort_keys=True,
                     default=str,
                 )
+                apply_umask_tree(tmp)  # safetensors writes the LoRA file 0600 whatever the umask
                 _fsync_tree(tmp)
         except BaseException:
             # Exceptions and Ctrl-C: leave no partial folder. (A SIGKILL leaves tmp; clean_stale_tmp handles it.)

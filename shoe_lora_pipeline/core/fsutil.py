@@ -148,6 +148,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` both sets and
+    returns it, which would briefly change it for every other thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_mode(path: Path | str, is_dir: bool, umask: int | None = None) -> None:
+    """Give a ``mkstemp`` file (created 0600), a ``mkdtemp`` folder (0700) or a file a library wrote 0600
+    (safetensors >= 0.8 replaces its output with a 0600 file) the mode a plain ``open()`` / ``mkdir``
+    would have: 0666 or 0777 less the umask, so the team and a web server can read the outputs."""
+    mask = _current_umask() if umask is None else umask
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
+
+
+def apply_umask_tree(root: Path) -> None:
+    """:func:`apply_umask_mode` on ``root`` and everything in it (symlinks left alone)."""
+    mask = _current_umask()
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            apply_umask_mode(p, p.is_dir(), mask)
+
+
 @contextmanager
 def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` that the block fills; on a clean exit it is fsynced and
@@ -158,6 +189,7 @@ def _replaced_from_temporary(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        apply_umask_mode(tmp, is_dir=False)  # after the writer, which may have replaced the file
         fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -218,12 +250,14 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
 
 @contextmanager
 def _atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds."""
+    """Yield a temporary sibling folder that replaces ``out_dir`` only if the block succeeds; its files and
+    folders get the umask's modes (:func:`apply_umask_mode`) whatever wrote them."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        apply_umask_tree(tmp)
         # Directories cannot be replaced in one rename: move the old one aside, then put it back on failure.
         old = None
         if out_dir.exists():

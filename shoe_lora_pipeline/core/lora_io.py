@@ -9,6 +9,14 @@ Conversions go through diffusers / peft themselves (``lora_state_dict``, ``conve
   scalar in the weights' dtype, as kohya-ss does.
 * ``save_lora_weights`` controls the safetensors header; our provenance is added afterwards by re-writing
   the header (the tensor bytes are unchanged).
+* safetensors writes its header metadata from an unordered map, so saving the same tensors and metadata
+  twice gives different bytes. Every exported ``.safetensors`` header is re-written with sorted keys.
+
+Reproducible exports: exporting the same checkpoint with the same config writes byte-identical weights
+files, ``adapter_config.json`` and model card. What belongs to one export run (:data:`RUN_FACTS`: its
+Dagster run id and time) is kept out of them and recorded only in ``provenance.json`` beside them;
+:func:`read_provenance` adds it back for a file whose sha256 that ``provenance.json`` lists. The time the
+weights came into being is the checkpoint's ``saved_at`` (``checkpoint_saved_at``).
 * ``PeftModel.from_pretrained(unet, dir)`` expects keys as a ``PeftModel`` wrapping the UNet saves them
   (``base_model.model.…``), not the bare ``get_peft_model_state_dict(unet)`` keys of the trainer (with
   those peft only warns "missing adapter keys" and the adapter stays at its zero init: no effect at all). We wrap a meta-device UNet (architecture only) with
@@ -27,6 +35,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +79,8 @@ VALIDATION_GRID_NAME = "validation_grid.png"
 META_PREFIX = "shoe_lora_"
 # The whole provenance record as JSON (exact types); the flat shoe_lora_* keys are for metadata viewers.
 META_PROVENANCE_KEY = META_PREFIX + "provenance"
+# Facts of one export run, not of the LoRA: only in provenance.json, never in the files that identify it.
+RUN_FACTS = ("dagster_run_id", "created_at")
 
 
 class LoraExportError(RuntimeError):
@@ -289,6 +300,7 @@ def load_checkpoint_lora(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor],
         "dataset_fingerprint": state.get("dataset_fingerprint"),
         "training_config": state.get("training_config") or {},  # the trainer's recorded settings
         "loss": state.get("loss"),
+        "saved_at": state.get("saved_at"),  # when the trainer wrote the checkpoint (epoch seconds)
         "weights_sha256": file_sha256(weights),
     }
     return peft_sd, meta
@@ -416,15 +428,25 @@ def build_kohya_metadata(
     return {k: v if isinstance(v, str) else str(v) for k, v in meta.items()}
 
 
-def _rewrite_safetensors_metadata(path: Path, extra: Mapping[str, str]) -> None:
-    """Add header metadata to a safetensors file written by a library saver (tensor bytes unchanged)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+def _rewrite_safetensors_metadata(path: Path, extra: Mapping[str, str] | None = None) -> None:
+    """Add ``extra`` to the header metadata of a safetensors file and write the header with sorted keys.
 
-    with safe_open(str(path), framework="pt") as f:
-        existing = dict(f.metadata() or {})
-    tensors = load_file(str(path))
-    save_file(tensors, str(path), metadata={**existing, **extra})
+    safetensors serialises ``__metadata__`` from a hash map, so its own saver orders the keys differently
+    on every call; sorted keys make the same tensors + metadata the same bytes. The tensor section is
+    copied unchanged (offsets are relative to it); the header is space-padded to 8 bytes as safetensors
+    pads it.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        tensor_bytes = f.read()
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), **(extra or {})}
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        f.write(tensor_bytes)
 
 
 def _peft_lora_config(meta: Mapping[str, Any], base_model: str | None, revision: str | None) -> LoraConfig:
@@ -553,7 +575,18 @@ def _merge_provenance(provenance: Mapping[str, Any], meta: Mapping[str, Any]) ->
             prov[f"requested_{key}"] = given
         prov[key] = value
     prov["source_checkpoint_sha256"] = meta.get("weights_sha256")
+    saved_at = meta.get("saved_at")
+    prov["checkpoint_saved_at"] = (
+        datetime.fromtimestamp(float(saved_at), timezone.utc).replace(microsecond=0).isoformat()
+        if isinstance(saved_at, int | float)
+        else None
+    )
     return prov, warnings
+
+
+def identity_provenance(prov: Mapping[str, Any]) -> dict[str, Any]:
+    """The provenance that the weights files and the model card carry: everything but :data:`RUN_FACTS`."""
+    return {k: v for k, v in prov.items() if k not in RUN_FACTS}
 
 
 def _base_model_folder(given: Path | None, meta: Mapping[str, Any], checkpoint_dir: Path) -> Path:
@@ -604,6 +637,7 @@ def _write_kohya_file(
     model_hash, legacy_hash = kohya_model_hashes(dict(tensors), ss)
     header = {**ss, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash, **ours}
     save_file(dict(tensors), str(path), metadata=header)
+    _rewrite_safetensors_metadata(path)  # sorted header: the same bytes on every export
     return model_hash, legacy_hash
 
 
@@ -668,7 +702,8 @@ def export_lora(
     _losses_at_checkpoint(facts, meta, checkpoint_dir, training_output_dir)
     lora = {k: meta[k] for k in ("rank", "alpha", "dropout", "target_modules")}
     lora["scale"] = meta["alpha"] / meta["rank"]
-    ours = provenance_metadata(prov, lora)
+    identity = identity_provenance(prov)
+    ours = provenance_metadata(identity, lora)
     lora_cfg = _peft_lora_config(meta, base_model, base_revision)
     kohya_name = kohya_weights_name(dataset_name)
 
@@ -703,7 +738,7 @@ def export_lora(
         weight_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, kohya_name]
         hashes = {name: file_sha256(tmp / name) for name in weight_files}
 
-        # 5. provenance.json, human-readable.
+        # 5. provenance.json, human-readable; the only file with this run's RUN_FACTS.
         record = {
             "schema": PROVENANCE_SCHEMA,
             "kind": "lora_weights",
@@ -716,7 +751,7 @@ def export_lora(
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
         # 6. Model card.
-        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, prov)
+        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, identity)
         card.kohya_weights_file, card.file_sha256 = kohya_name, hashes
         card.validation_grid_file = VALIDATION_GRID_NAME if grid else None
         write_model_card(tmp / MODEL_CARD_NAME, card)
@@ -898,6 +933,32 @@ def _from_render_png(path: Path) -> dict[str, Any]:
     return {"format": "render_png", "lora": {}, "provenance": render["lora_provenance"], "extra": extra}
 
 
+def _add_run_facts(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The export run's :data:`RUN_FACTS` from the ``provenance.json`` beside ``path``, when that record
+    describes this very file (its sha256 in ``files``; for the model card, the same ``files``)."""
+    prov = result["provenance"]
+    sidecar = path.parent / PROVENANCE_NAME
+    if all(prov.get(k) is not None for k in RUN_FACTS) or not sidecar.is_file():
+        return result
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return result
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not isinstance(record.get("provenance"), dict):
+        return result
+    if path.suffix.lower() == ".md":
+        same = result["extra"].get("files") == files
+    else:
+        same = files.get(path.name) == file_sha256(path)
+    if same:
+        for key in RUN_FACTS:
+            if prov.get(key) is None and record["provenance"].get(key) is not None:
+                prov[key] = record["provenance"][key]
+        result["extra"]["run_facts_from"] = str(sidecar)
+    return result
+
+
 def read_provenance(path: Path) -> dict[str, Any]:
     """Provenance and LoRA hyper-parameters stored in an exported file or folder.
 
@@ -922,11 +983,11 @@ def read_provenance(path: Path) -> dict[str, Any]:
         # adapter_config.json has no room for provenance; its weights file carries it.
         return read_provenance(path.parent / PEFT_WEIGHTS_NAME)
     if suffix == ".safetensors":
-        result = _from_safetensors(path)
+        result = _add_run_facts(path, _from_safetensors(path))
     elif suffix == ".json":
         result = _from_json_record(path)
     elif suffix == ".md":
-        result = _from_model_card(path)
+        result = _add_run_facts(path, _from_model_card(path))
     elif suffix == ".png":
         result = _from_render_png(path)
     else:
@@ -952,3 +1013,15 @@ def kohya_tensor_hash(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def lora_content_sha256(path: Path) -> str:
+    """What of a diffusers LoRA file decides the pixels it gives: the tensor bytes and the adapter
+    metadata diffusers applies (rank, alpha, targets), not the provenance or kohya facts in the header.
+    Renders are keyed on it, so re-writing the same LoRA with other provenance re-renders nothing."""
+    adapter = _safetensors_metadata(Path(path)).get("lora_adapter_metadata")
+    payload = {
+        "tensors_sha256": kohya_tensor_hash(path),
+        "adapter": json.loads(adapter) if adapter else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shoe_lora_pipeline.core.fsutil import apply_umask_tree
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -220,6 +222,7 @@ def build_tiny_sd(target_dir: Path) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target_dir.parent))
     try:
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
+        apply_umask_tree(tmp_dir)  # mkdtemp made it 0700 and safetensors writes 0600
         try:
             os.replace(tmp_dir, target_dir)
         except OSError:

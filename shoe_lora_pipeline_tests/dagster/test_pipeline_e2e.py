@@ -1,6 +1,7 @@
 """End to end on the tiny model: every asset of the graph materialised in-process, then re-run."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,12 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
 
     out = tmp_path / "out" / "casual_shoes" / "lora"
     assert {p.name for p in (out / "checkpoints").iterdir()} >= {"checkpoint-2", "checkpoint-4"}
+    # Everything the run wrote follows the umask (safetensors alone would write 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert not [
+        p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.stat().st_mode & 0o666 != 0o666 & ~umask
+    ]
     # the val split (cached by training_latents) gives a validation loss at the validation step
     assert (out / "latent_cache_val" / "index.json").is_file()
     assert (out / "validation_loss.csv").read_text().splitlines()[1].startswith("4,")
@@ -139,8 +146,14 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
         assert mats[stage].metadata["device"].value == "cpu"
         assert mats[stage].metadata["device_details"].value["type"] == "cpu"
 
-    # A second materialisation with nothing changed does not train again.
-    again = dg.materialize(category_assets("casual_shoes", ["lora_training"]), resources=resources)
+    # A second materialisation with nothing changed does not train again, and its export (as retrain_job
+    # or `--select '*'` runs it) writes the very same files: only provenance.json names the new run.
+    exported = {p.name: p.read_bytes() for p in weights.iterdir() if p.name != "provenance.json"}
+    again = dg.materialize(
+        category_assets("casual_shoes", ["lora_training", "lora_weights"]), resources=resources
+    )
     meta = {m.asset_key.path[-1]: m.materialization for m in again.get_asset_materialization_events()}
     assert meta["lora_training"].metadata["skipped_already_complete"].value is True
     assert meta["lora_training"].metadata["steps_this_run"].value == 0
+    assert {p.name: p.read_bytes() for p in weights.iterdir() if p.name != "provenance.json"} == exported
+    assert again.run_id in (weights / "provenance.json").read_text()

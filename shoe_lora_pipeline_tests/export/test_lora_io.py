@@ -130,7 +130,8 @@ def test_diffusers_file_declares_alpha_and_keeps_provenance(export: lora_io.Expo
     header = lora_io.weights_header(export.diffusers_weights)
     adapter = json.loads(header["lora_adapter_metadata"])
     assert adapter["unet.r"] == 8 and adapter["unet.lora_alpha"] == 16
-    assert header["shoe_lora_dagster_run_id"] == "run-abc"
+    # The export run's id and time are not in the weights (they would change the bytes on every export).
+    assert "shoe_lora_dagster_run_id" not in header and "shoe_lora_created_at" not in header
     # diffusers still reads the file after our header rewrite.
     sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(
         str(export.out_dir), weight_name=lora_io.DIFFUSERS_WEIGHTS_NAME, return_lora_metadata=True
@@ -184,7 +185,6 @@ def test_kohya_metadata(export: lora_io.ExportResult) -> None:
         "shoe_lora_config_hash": "cfg-hash",
         "shoe_lora_dataset_manifest_hash": "mh",
         "shoe_lora_base_model": "tiny-sd",
-        "shoe_lora_dagster_run_id": "run-abc",
         "shoe_lora_snr_gamma": "5.0",  # the provenance records the objective too
         "shoe_lora_caption_dropout": "0.1",
     }
@@ -237,9 +237,42 @@ def test_model_card(export: lora_io.ExportResult) -> None:
         "| Final training loss | 0.05 |",  # losses.csv at step 20, not the later rows
         "| Validation loss (held-out split) | 0.125 |",  # the checkpoint's validation_loss.csv at step 20
         "| Min-SNR-γ / noise offset / input perturbation / caption dropout | 5 / 0.05 / off / 0.1 |",
-        "| dagster_run_id | run-abc |",
     ):
         assert needle in text, needle
+    assert "dagster_run_id" not in text and "created_at" not in text  # run facts: provenance.json only
+
+
+def test_same_checkpoint_exports_byte_identical_files(
+    tmp_path: Path, base_dir: Path, export: lora_io.ExportResult
+) -> None:
+    """Another run (other run id, other time) exporting the same checkpoint writes the same bytes; only
+    provenance.json, which records that run, differs."""
+    ckpt = export.out_dir.parent / "checkpoints" / "checkpoint-20"
+    facts = lora_io.TrainingFacts(captions=CAPTIONS, validation_prompts=CAPTIONS[:2])
+
+    def again(out: Path, run_id: str, created_at: str) -> lora_io.ExportResult:
+        prov = {"dagster_run_id": run_id, "created_at": created_at, "config_hash": "cfg-hash"}
+        return lora_io.export_lora(ckpt, out, dataset_name=DATASET, provenance=prov, training=facts)
+
+    first = again(tmp_path / "a", "run-1", "2026-01-01T00:00:00+00:00")
+    second = again(tmp_path / "b", "run-2", "2026-06-01T12:00:00+00:00")
+    third = again(tmp_path / "a", "run-3", "2026-07-01T12:00:00+00:00")  # in place, over the first
+    names = sorted(p.name for p in first.out_dir.iterdir() if p.name != lora_io.PROVENANCE_NAME)
+    assert {"README.md", "adapter_config.json", f"{DATASET}_lora.safetensors"} <= set(names)
+    for name in names:
+        content = (second.out_dir / name).read_bytes()
+        assert content == (tmp_path / "a" / name).read_bytes() == (third.out_dir / name).read_bytes(), name
+    assert first.file_sha256 == second.file_sha256 == third.file_sha256
+    # provenance.json says which run exported them; reading a weights file in place adds that back.
+    assert json.loads(second.provenance_json.read_text())["provenance"]["dagster_run_id"] == "run-2"
+    kohya = lora_io.read_provenance(second.kohya_weights)
+    assert kohya["provenance"]["dagster_run_id"] == "run-2"
+    assert kohya["provenance"]["created_at"] == "2026-06-01T12:00:00+00:00"
+    # A copy away from its provenance.json keeps everything but the run facts.
+    shutil.copy(second.kohya_weights, tmp_path / "copy.safetensors")
+    alone = lora_io.read_provenance(tmp_path / "copy.safetensors")["provenance"]
+    assert alone.get("dagster_run_id") is None and alone.get("created_at") is None
+    assert alone["checkpoint_step"] == 20 and alone["source_checkpoint_sha256"]
 
 
 def test_validation_grid_is_the_checkpoint_step(export: lora_io.ExportResult) -> None:

@@ -152,12 +152,18 @@ def test_rerun_reproduces_and_only_changed_rows_rerender(tmp_path: Path, exporte
     assert changed.rendered == ["NEW-3", "CS-1"] and changed.reused == ["Ü-2"] and len(calls) == 1
     assert pixels(tmp_path / "a" / "candidates" / "Ü-2") == before
 
-    # A new LoRA file re-renders everything; a SKU that left the sheet is removed.
+    # A LoRA with other tensors re-renders everything; a SKU that left the sheet is removed.
     (tmp_path / "specs.csv").write_text(
         "sku,colour,type,characteristics,count,view\nÜ-2,white,casual sneakers,,2,\n", encoding="utf-8"
     )
-    newer = render(cfg, tmp_path / "a", loader, lora_sha256="0" * 64)
+    old = json.loads((tmp_path / "a" / "candidates" / "Ü-2" / "render.json").read_text(encoding="utf-8"))
+    newer = render(cfg, tmp_path / "a", loader, content_sha256="0" * 64)
     assert newer.rendered == ["Ü-2"] and sorted(newer.removed) == ["CS-1", "NEW-3"]
+    # The re-rendered SKU remembers the images it replaced (for reviews.csv rows that name old files).
+    assert [(p["file"], p["image_sha256"]) for p in newer.records[0]["previous"]] == [
+        (c["file"], c["image_sha256"]) for c in old["candidates"]
+    ]
+    assert all(c["image_sha256"] for c in newer.records[0]["candidates"])
     assert sorted(p.name for p in (tmp_path / "a" / "candidates").iterdir()) == ["Ü-2"]
 
 
@@ -226,6 +232,9 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
         reviews.read_text(encoding="utf-8").replace(f"CS-1,{first_cs1},,", f"CS-1,{first_cs1},reject,bad"),
         encoding="utf-8",
     )
+    # published_renders alone (render_review not re-run) already leaves the rejected image out.
+    publish_only = dg.materialize(render_assets("casual_shoes")[2:], resources=resources)
+    assert publish_only.success and not (published / "CS-1").exists()
     again = dg.materialize(render_assets("casual_shoes")[1:], resources=resources)
     assert again.success
     assert [p.name for p in (published / "CS-1").iterdir()] != [first_cs1]

@@ -211,6 +211,72 @@ def record(sku: str, count: int, passed: list[bool]) -> dict:
     return {"sku": sku, "row": {"count": count}, "candidates": cands}
 
 
+def decisions(reviews: list[Review]) -> list[tuple[str, str, str, str]]:
+    return [(r.sku, r.file, r.decision, r.note) for r in reviews]
+
+
+def with_images(rec: dict, prefix: str = "k") -> dict:
+    """``rec`` whose candidates carry an image hash, as product_renders writes them."""
+    for c in rec["candidates"]:
+        c["image_sha256"] = f"img-{rec['sku']}-{c['seed']}"
+        c["file"] = f"{c['index']:03d}-{prefix}.png"
+    return rec
+
+
+def test_decision_follows_the_image_through_a_rename(tmp_path: Path) -> None:
+    path = tmp_path / "reviews.csv"
+    records = [with_images(record("A", 1, [True, True, True]))]
+    write_reviews(merge_reviews(read_reviews(path), records), path)
+    assert path.read_text().splitlines()[0] == "sku,file,decision,note,seed,image_sha256"
+    path.write_text(path.read_text().replace("A,000-k.png,,", "A,000-k.png,reject,blurry"))
+
+    # The same images re-rendered under new names (e.g. after a re-export): the reject stays on its row.
+    renamed = [with_images(record("A", 1, [True, True, True]), prefix="new")]
+    merged = merge_reviews(read_reviews(path), renamed)
+    assert decisions(merged) == [
+        ("A", "000-new.png", "reject", "blurry"),
+        ("A", "001-new.png", "", ""),
+        ("A", "002-new.png", "", ""),
+    ]
+    assert merged[0].image_sha256 == "img-A-0" and merged[0].seed == "0"
+    approved = decide(renamed, merged, auto_approve=True, require_qa_pass=True)
+    assert [a["file"] for a in approved["A"]] == ["001-new.png"]
+
+    # An image identical to a rejected one is never approved automatically, whatever its name or row.
+    copy = with_images(record("A", 1, [True, True]), prefix="copy")
+    copy["candidates"][1]["image_sha256"] = "img-A-0"  # same pixels as the rejected image
+    copy["candidates"][0]["image_sha256"] = "img-A-0"
+    approved = decide([copy], merged, auto_approve=True, require_qa_pass=False)
+    assert approved["A"] == []
+
+
+def test_old_reviews_csv_is_migrated_by_file_name(tmp_path: Path) -> None:
+    """A reviews.csv without seed / image_sha256 (written by an earlier version): its rows get the image of
+    the file they name, also when a re-render renamed that file (render.json ``previous``)."""
+    path = tmp_path / "reviews.csv"
+    path.write_text(
+        "sku,file,decision,note\nA,000-old.png,reject,scuffed\nA,001-k.png,approve,\nB,000-gone.png,reject,x\n"
+    )
+    rec = with_images(record("A", 1, [True, True, True]))
+    rec["previous"] = [{"file": "000-old.png", "seed": 0, "image_sha256": "img-A-0"}]
+    merged = merge_reviews(read_reviews(path), [rec])
+    assert decisions(merged) == [
+        ("A", "000-k.png", "reject", "scuffed"),
+        ("A", "001-k.png", "approve", ""),
+        ("A", "002-k.png", "", ""),
+        ("B", "000-gone.png", "reject", "x"),  # no image known: kept at the end, as before
+    ]
+    write_reviews(merged, path)
+    assert "A,000-k.png,reject,scuffed,0,img-A-0" in path.read_text()
+    approved = decide([rec], read_reviews(path), auto_approve=True, require_qa_pass=True)
+    assert [(a["file"], a["source"]) for a in approved["A"]] == [("001-k.png", "review")]
+
+    # Two rows naming the same image with opposite decisions cannot both hold.
+    path.write_text("sku,file,decision,note\nA,000-old.png,reject,\nA,000-k.png,approve,\n")
+    with pytest.raises(ReviewsError, match="same image with different decisions"):
+        merge_reviews(read_reviews(path), [rec])
+
+
 def test_reviews_round_trip_keeps_decisions_and_notes(tmp_path: Path) -> None:
     path = tmp_path / "reviews.csv"
     records = [record("A", 1, [True, True, False]), record("B", 1, [False, False])]
@@ -226,7 +292,7 @@ def test_reviews_round_trip_keeps_decisions_and_notes(tmp_path: Path) -> None:
     )
     path.write_text("\ufeff" + text.replace(",", ";"), encoding="utf-8")
     reviews = read_reviews(path)
-    assert Review("A", "000-k.png", "reject", "too dark") in reviews
+    assert ("A", "000-k.png", "reject", "too dark") in decisions(reviews)
 
     # Re-run with A re-rendered (new files): decisions on vanished files with a note are kept at the end.
     records2 = [record("A", 1, [True]), record("B", 1, [False, False])]
@@ -234,8 +300,8 @@ def test_reviews_round_trip_keeps_decisions_and_notes(tmp_path: Path) -> None:
     merged = merge_reviews(reviews, records2)
     write_reviews(merged, path)
     again = read_reviews(path)
-    assert again[-1] == Review("A", "000-k.png", "reject", "too dark")
-    assert Review("B", "001-k.png", "approve", "") in again
+    assert decisions(again)[-1] == ("A", "000-k.png", "reject", "too dark")
+    assert ("B", "001-k.png", "approve", "") in decisions(again)
     assert len(again) == 4
 
 

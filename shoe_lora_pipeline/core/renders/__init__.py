@@ -4,8 +4,9 @@ the ``renders`` assets and ``shoe-lora render`` wrap these calls).
 * :mod:`.specs` — read and validate the specs sheet; refused rows with reasons.
 * :mod:`.generate` — which LoRA and pipeline, seeds per (sku, index), batched generation, speed levers.
 * :mod:`.ranking` — product QA per candidate (the evaluation stage's checks), score and rank.
-* :mod:`.render` — :func:`render_sheet`: incremental rendering keyed by row hash + LoRA sha256.
-* :mod:`.review` — ``reviews.csv``, the approval rule, the HTML contact sheet: :func:`review_renders`.
+* :mod:`.render` — :func:`render_sheet`: incremental rendering keyed by row hash + LoRA weights + settings.
+* :mod:`.review` — ``reviews.csv`` (decisions keyed on the image), the approval rule, the HTML contact
+  sheet: :func:`review_renders`.
 * :mod:`.publish` — ``published/<sku>/`` with provenance in each PNG and a manifest: :func:`publish_renders`.
 * :mod:`.pnginfo` — the A1111 ``parameters`` chunk and the JSON provenance chunk.
 * :mod:`.store` — the folder layout and the records the stages share.

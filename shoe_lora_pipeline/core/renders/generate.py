@@ -26,6 +26,7 @@ from shoe_lora_pipeline.core.lora_io import (
     PROVENANCE_NAME,
     kohya_tensor_hash,
     kohya_weights_name,
+    lora_content_sha256,
 )
 
 if TYPE_CHECKING:
@@ -67,8 +68,9 @@ class LoraSource:
     """The LoRA the renders come from, and what the PNG provenance says about it."""
 
     lora_dir: Path
-    lora_file: Path  # the diffusers weights file; its sha256 keys the renders
-    lora_sha256: str
+    lora_file: Path  # the diffusers weights file
+    lora_sha256: str  # the file's sha256 (what an auditor checks)
+    content_sha256: str  # its tensors + adapter metadata (lora_io.lora_content_sha256): keys the renders
     name: str  # the kohya file's stem, as A1111 lists it
     a1111_hash: str  # A1111's LoRA short hash: sha256 of the kohya file's tensor bytes, 12 hex
     model_hash: str | None  # base model fingerprint, 10 hex (A1111's "Model hash" field)
@@ -82,6 +84,7 @@ class LoraSource:
             "lora_dir": str(self.lora_dir),
             "lora_file": self.lora_file.name,
             "lora_sha256": self.lora_sha256,
+            "content_sha256": self.content_sha256,
             "name": self.name,
             "a1111_hash": self.a1111_hash,
             "model_hash": self.model_hash,
@@ -123,6 +126,7 @@ def lora_source(lora_dir: Path, final_pipeline_dir: Path | None) -> LoraSource:
         lora_dir=lora_dir,
         lora_file=weights,
         lora_sha256=sha,
+        content_sha256=lora_content_sha256(weights),
         name=Path(name).stem,
         a1111_hash=a1111,
         model_hash=str(fingerprint)[:10] if fingerprint else None,

@@ -3,14 +3,15 @@
 ``published/`` always mirrors the current approvals: it is rebuilt in a temporary sibling folder and
 swapped in, so a shop syncing it never sees half a publication, and an image whose approval was withdrawn
 disappears. Every PNG is written anew with the ``parameters`` and ``shoe_lora_render`` text chunks (the
-pixels are the candidate's).
+pixels are the candidate's). An image identical to one rejected in reviews.csv is never published, even
+when the reject was written after render_review last ran.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from shoe_lora_pipeline.core.fsutil import atomic_directory, atomic_write_text, file_sha256
 from shoe_lora_pipeline.core.renders.generate import SAMPLERS
 from shoe_lora_pipeline.core.renders.pnginfo import RENDER_SCHEMA, a1111_parameters, png_info
+from shoe_lora_pipeline.core.renders.review import merge_reviews, read_reviews, rejected_images
 from shoe_lora_pipeline.core.renders.store import RenderPaths, RendersStateError, read_index, read_json_record
 
 MANIFEST_COLUMNS = (
@@ -94,8 +96,10 @@ def publish(
     run_id: str | None,
     version: str | None = None,
     log: Callable[[str], None] = print,
+    rejected: Set[str] = frozenset(),
 ) -> PublishResult:
-    """Write every approved candidate of ``records`` into ``paths.published_dir`` (replaced as a whole)."""
+    """Write every approved candidate of ``records`` into ``paths.published_dir`` (replaced as a whole),
+    except those whose ``image_sha256`` is in ``rejected``."""
     from PIL import Image
 
     result = PublishResult(paths.published_dir, paths.manifest_csv)
@@ -112,6 +116,13 @@ def publish(
                 result.skus_without_images.append(sku)
                 continue
             by_file = {c["file"]: c for c in record["candidates"]}
+            refused = [a for a in chosen if by_file[a["file"]].get("image_sha256") in rejected]
+            for approval in refused:
+                log(f"published: {sku}/{approval['file']} not published: reviews.csv rejects this image")
+            chosen = [a for a in chosen if a not in refused]
+            if not chosen:
+                result.skus_without_images.append(sku)
+                continue
             (tmp / sku).mkdir(parents=True, exist_ok=True)
             for approval in chosen:
                 c = by_file[approval["file"]]
@@ -182,4 +193,6 @@ def publish_renders(
         run_id=run_id,
         version=version,
         log=log,
+        # reviews.csv as it is now: a reject written since render_review ran is honoured too
+        rejected=rejected_images(merge_reviews(read_reviews(paths.reviews_csv), records)),
     )

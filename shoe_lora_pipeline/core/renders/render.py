@@ -1,10 +1,16 @@
 """product_renders' core: render every accepted row of a specs sheet, incrementally, QA-ranked.
 
-A SKU's candidates are keyed by :func:`render_key` (the row's hash, the LoRA file's sha256 and the
-settings that change pixels). A SKU whose key and files are unchanged is reused without loading a model;
+A SKU's candidates are keyed by :func:`render_key`: what changes their pixels (the row's hash, the LoRA's
+tensors and adapter settings, the base model, the settings), not the LoRA file's bytes, so re-exporting the
+same LoRA (or one with other provenance) re-renders nothing. A SKU whose key and files are unchanged is
+reused without loading a model;
 a changed row re-renders only its SKU; SKUs that left the sheet are removed. Each SKU's folder is replaced
 atomically once all its candidates are generated and scored, so an interrupted run leaves every SKU either
 as it was or complete.
+
+Each candidate records ``image_sha256`` (its pixels), which reviews.csv keys decisions on. A re-rendered
+SKU's render.json keeps the file, seed and image hash of the candidates it replaced under ``previous``, so
+a reviews.csv row written before rows carried image hashes still finds its image after a rename.
 """
 
 from __future__ import annotations
@@ -30,7 +36,12 @@ from shoe_lora_pipeline.core.renders.generate import (
 from shoe_lora_pipeline.core.renders.pnginfo import a1111_parameters, png_info
 from shoe_lora_pipeline.core.renders.ranking import ranked, score_candidate
 from shoe_lora_pipeline.core.renders.specs import SpecRow, SpecsSheet, write_rejected
-from shoe_lora_pipeline.core.renders.store import INDEX_SCHEMA, RenderPaths
+from shoe_lora_pipeline.core.renders.store import (
+    INDEX_SCHEMA,
+    RenderPaths,
+    pixels_sha256,
+    png_pixels_sha256,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,6 +49,8 @@ if TYPE_CHECKING:
     from shoe_lora_pipeline.core.config import PipelineConfig
 
 CANDIDATES_SCHEMA = "shoe_lora_pipeline/render-candidates/v1"
+# How many replaced candidates a render.json remembers (file → image) for old reviews.csv rows.
+MAX_PREVIOUS = 256
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class RenderSettings:
     seed: int
     candidates_per_image: int
     batch_size: int = 8
+    lora_scale: float = 1.0  # export.fuse_lora_scale: the LoRA's strength in the render pipeline
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> RenderSettings:
@@ -63,6 +77,7 @@ class RenderSettings:
             seed=r.seed,
             candidates_per_image=r.candidates_per_image,
             batch_size=r.batch_size,
+            lora_scale=cfg.export.fuse_lora_scale,
         )
 
     def keyed(self) -> dict[str, Any]:
@@ -73,16 +88,23 @@ class RenderSettings:
             "sampler": self.sampler,
             "seed": self.seed,
             "candidates_per_image": self.candidates_per_image,
+            "lora_scale": self.lora_scale,
         }
 
 
-def render_key(row: SpecRow, settings: RenderSettings, lora_sha256: str) -> str:
-    payload = {"row": row.row_hash(), "lora_sha256": lora_sha256, "settings": settings.keyed()}
+def render_key(row: SpecRow, settings: RenderSettings, lora: LoraSource) -> str:
+    """Hash of what decides a SKU's pixels (seeds follow from the row's SKU and the settings' seed)."""
+    payload = {
+        "row": row.row_hash(),
+        "lora": lora.content_sha256,
+        "base_model": lora.model_hash,
+        "settings": settings.keyed(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def candidate_file(index: int, key: str) -> str:
-    """``NNN-<key prefix>.png``: a re-rendered SKU gets new names, so old reviews never apply to new images."""
+    """``NNN-<key prefix>.png``: a re-rendered SKU gets new names (reviews follow the image, not the name)."""
     return f"{index:03d}-{key[:10]}.png"
 
 
@@ -114,6 +136,26 @@ def _reusable(paths: RenderPaths, sku: str, key: str) -> dict[str, Any] | None:
     except (KeyError, TypeError):  # a hand-edited or truncated record: render again
         return None
     return record if complete else None
+
+
+def _previous_candidates(paths: RenderPaths, sku: str) -> list[dict[str, Any]]:
+    """File, seed and image hash of the candidates about to be replaced (then those they remembered):
+    render_review maps a reviews.csv row that names an old file and no image hash to its image."""
+    try:
+        old = json.loads(paths.render_json(sku).read_text(encoding="utf-8"))
+        entries = [
+            {
+                "file": c["file"],
+                "seed": c["seed"],
+                "image_sha256": c.get("image_sha256") or png_pixels_sha256(paths.sku_dir(sku) / c["file"]),
+            }
+            for c in old["candidates"]
+        ]
+        seen = {e["file"] for e in entries}
+        entries += [p for p in old.get("previous") or [] if p["file"] not in seen]
+    except (OSError, ValueError, KeyError, TypeError):  # no earlier render, or a hand-edited record
+        return []
+    return [e for e in entries if e["image_sha256"]][:MAX_PREVIOUS]
 
 
 def _jobs(row: SpecRow, settings: RenderSettings) -> list[RenderJob]:
@@ -153,7 +195,13 @@ class _SkuCollector:
             rgb.save(folder / name, pnginfo=png_info(self._parameters(job)))
             qa = score_candidate(rgb, row.colour)
             self.candidates[job.sku].append(
-                {"index": job.index, "file": name, "seed": job.seed, "qa": qa.to_json()}
+                {
+                    "index": job.index,
+                    "file": name,
+                    "seed": job.seed,
+                    "image_sha256": pixels_sha256(rgb),
+                    "qa": qa.to_json(),
+                }
             )
             self.pending[job.sku] -= 1
             if self.pending[job.sku] == 0:
@@ -184,9 +232,11 @@ class _SkuCollector:
             "row": asdict(row),
             "row_hash": row.row_hash(),
             "lora_sha256": self.lora.lora_sha256,
+            "lora_content_sha256": self.lora.content_sha256,
             "settings": self.settings.keyed(),
             "dagster_run_id": self.run_id,
             "candidates": ranked(self.candidates[sku]),
+            "previous": _previous_candidates(self.paths, sku),
         }
         with atomic_directory(self.paths.sku_dir(sku)) as tmp:
             for c in record["candidates"]:
@@ -219,7 +269,7 @@ def render_sheet(
         log(note)
 
     rows = {r.sku: r for r in sheet.rows}
-    keys = {sku: render_key(row, settings, lora.lora_sha256) for sku, row in rows.items()}
+    keys = {sku: render_key(row, settings, lora) for sku, row in rows.items()}
     existing = {sku: _reusable(paths, sku, key) for sku, key in keys.items()}
     todo = [sku for sku in rows if existing[sku] is None]
     result.reused = [sku for sku in rows if existing[sku] is not None]

@@ -1,16 +1,23 @@
 """render_review's core: the reviewer's ``reviews.csv``, the approval rule and the HTML contact sheet.
 
-``reviews.csv`` has one row per candidate (``sku, file, decision, note``), best first within a SKU.
-A reviewer sets ``decision`` to ``approve`` or ``reject`` (``approved``/``rejected`` and any case are
-accepted; empty = no decision) and may write a note; anything else stops the run with the line and value,
-because a mistyped "reject" must never publish an image. Every run rewrites the file with the current
-candidates and keeps every decision and note already there; rows for candidates that no longer exist are
-kept (at the end) while they hold a decision or note, and dropped when empty. Excel's ``;`` separator and
-UTF-8 BOM are read too.
+``reviews.csv`` has one row per candidate (``sku, file, decision, note, seed, image_sha256``), best first
+within a SKU. A reviewer sets ``decision`` to ``approve`` or ``reject`` (``approved``/``rejected`` and any
+case are accepted; empty = no decision) and may write a note; anything else stops the run with the line and
+value, because a mistyped "reject" must never publish an image. Every run rewrites the file with the
+current candidates and keeps every decision and note already there; rows for candidates that no longer
+exist are kept (at the end) while they hold a decision or note, and dropped when empty. Excel's ``;``
+separator and UTF-8 BOM are read too.
+
+A decision belongs to the image, not to its file name: a row is matched to a candidate by (sku, seed,
+image_sha256), so it follows the same image through a re-render that renames it. A row without
+``image_sha256`` (files written before the column existed, or a row typed by hand) is matched by
+(sku, file), also to a file the SKU had before a re-render (render.json ``previous``), and gets the image's
+seed and hash written into it: old files are migrated on the first run.
 
 Approval per SKU: every candidate a review approves, then, with ``renders.auto_approve``, the best-ranked
 candidates that no review rejects up to the row's ``count`` (only QA-passing ones when
-``renders.require_qa_pass``).
+``renders.require_qa_pass``). A candidate whose pixels equal those of any rejected row is never approved
+automatically.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import csv
 import html
 import io
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,7 +34,7 @@ from urllib.parse import quote
 from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
 from shoe_lora_pipeline.core.renders.store import RenderPaths, read_index
 
-REVIEW_COLUMNS = ("sku", "file", "decision", "note")
+REVIEW_COLUMNS = ("sku", "file", "decision", "note", "seed", "image_sha256")
 APPROVE, REJECT = "approve", "reject"
 _DECISIONS = {"": "", "approve": APPROVE, "approved": APPROVE, "reject": REJECT, "rejected": REJECT}
 
@@ -42,10 +49,24 @@ class Review:
     file: str
     decision: str  # "approve" | "reject" | ""
     note: str = ""
+    seed: str = ""
+    image_sha256: str = ""  # the candidate's pixels (store.pixels_sha256); "" = not known (old rows)
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.sku, self.file)
+    def key(self) -> tuple[str, ...]:
+        """(sku, seed, image_sha256): the image; (sku, file) for a row that does not say which image."""
+        return (self.sku, self.seed, self.image_sha256) if self.image_sha256 else (self.sku, self.file)
+
+
+def candidate_key(sku: str, candidate: Mapping[str, Any]) -> tuple[str, ...]:
+    """The :attr:`Review.key` a row about ``candidate`` has."""
+    sha = candidate.get("image_sha256") or ""
+    return (sku, str(candidate["seed"]), sha) if sha else (sku, candidate["file"])
+
+
+def _decision_of(by_key: Mapping[tuple[str, ...], str], sku: str, candidate: Mapping[str, Any]) -> str:
+    """A candidate's decision: by its image, else by its file name (reviews not merged yet)."""
+    return by_key.get(candidate_key(sku, candidate)) or by_key.get((sku, candidate["file"])) or ""
 
 
 def read_reviews(path: Path) -> list[Review]:
@@ -61,7 +82,7 @@ def read_reviews(path: Path) -> list[Review]:
     delimiter = ";" if ";" in first and "," not in first else ","
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     header: list[str] | None = None
-    seen: dict[tuple[str, str], tuple[int, Review]] = {}
+    seen: dict[tuple[str, ...], tuple[int, Review]] = {}
     out: list[Review] = []
     for fields in reader:
         if not fields or all(not f.strip() for f in fields):
@@ -80,7 +101,14 @@ def read_reviews(path: Path) -> list[Review]:
                 f"{path}: line {reader.line_num}: decision {raw!r} for {values.get('sku')!r} / "
                 f"{values.get('file')!r}: use approve, reject or leave it empty"
             )
-        review = Review(values.get("sku", ""), values.get("file", ""), decision, values.get("note", ""))
+        review = Review(
+            values.get("sku", ""),
+            values.get("file", ""),
+            decision,
+            values.get("note", ""),
+            values.get("seed", ""),
+            values.get("image_sha256", ""),
+        )
         if review.key in seen:
             line, other = seen[review.key]
             if other.decision != review.decision:
@@ -94,17 +122,50 @@ def read_reviews(path: Path) -> list[Review]:
     return out
 
 
+def _known_images(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(sku, file) → (seed, image_sha256) for every current candidate and every file a SKU had before a
+    re-render (render.json ``previous``); the current candidates win."""
+    known: dict[tuple[str, str], tuple[str, str]] = {}
+    for record in records:
+        sku = record["sku"]
+        for c in [*(record.get("previous") or []), *record["candidates"]]:
+            if c.get("image_sha256"):
+                known[(sku, c["file"])] = (str(c["seed"]), c["image_sha256"])
+    return known
+
+
 def merge_reviews(existing: Iterable[Review], records: Sequence[Mapping[str, Any]]) -> list[Review]:
     """One row per current candidate (sheet order, best first) with its decision and note kept, then the
-    rows of vanished candidates that still hold a decision or note."""
-    by_key = {r.key: r for r in existing}
+    rows of vanished candidates that still hold a decision or note. Rows are matched by image; a row
+    without an image hash first gets the one of the file it names (see the module docstring)."""
+    known = _known_images(records)
+    by_key: dict[tuple[str, ...], Review] = {}
+    for r in existing:
+        if not r.image_sha256 and (r.sku, r.file) in known:
+            seed, sha = known[(r.sku, r.file)]
+            r = replace(r, seed=seed, image_sha256=sha)
+        other = by_key.get(r.key)
+        if other is not None and other.decision and r.decision and other.decision != r.decision:
+            raise ReviewsError(
+                f"reviews.csv: {r.sku!r} / {other.file!r} and {r.sku!r} / {r.file!r} are the same image "
+                f"with different decisions ({other.decision} vs {r.decision}); keep one of the two rows"
+            )
+        if other is None or (r.decision and not other.decision):
+            by_key[r.key] = r
     out: list[Review] = []
-    current: set[tuple[str, str]] = set()
+    current: set[tuple[str, ...]] = set()
     for record in records:
+        sku = record["sku"]
         for c in record["candidates"]:
-            key = (record["sku"], c["file"])
+            key = candidate_key(sku, c)
             current.add(key)
-            out.append(by_key.get(key, Review(record["sku"], c["file"], "")))
+            found = by_key.get(key)
+            seed, sha = str(c["seed"]), c.get("image_sha256") or ""
+            out.append(
+                replace(found, file=c["file"], seed=seed, image_sha256=sha)
+                if found
+                else Review(sku, c["file"], "", "", seed, sha)
+            )
     out += [r for k, r in by_key.items() if k not in current and (r.decision or r.note)]
     return out
 
@@ -114,7 +175,7 @@ def write_reviews(reviews: Iterable[Review], path: Path) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(REVIEW_COLUMNS)
     for r in reviews:
-        writer.writerow([r.sku, r.file, r.decision, r.note])
+        writer.writerow([r.sku, r.file, r.decision, r.note, r.seed, r.image_sha256])
     return atomic_write_text(path, buf.getvalue())
 
 
@@ -125,6 +186,7 @@ def _approval(c: Mapping[str, Any], source: str) -> dict[str, Any]:
         "rank": c["rank"],
         "qa_passed": c["qa"]["passed"],
         "qa_score": c["qa"]["score"],
+        "image_sha256": c.get("image_sha256"),
     }
 
 
@@ -135,26 +197,36 @@ def decide(
     auto_approve: bool,
     require_qa_pass: bool,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Approved candidates per SKU: ``{"file", "source": "review"|"auto", "rank", "qa_passed", "qa_score"}``."""
+    """Approved candidates per SKU: ``{"file", "source": "review"|"auto", "rank", "qa_passed", "qa_score",
+    "image_sha256"}``. No candidate identical to a rejected image is approved automatically."""
+    reviews = list(reviews)
     by_key = {r.key: r.decision for r in reviews}
+    rejected = rejected_images(reviews)
     approvals: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         sku, wanted = record["sku"], int(record["row"]["count"])
         chosen = [
-            _approval(c, "review") for c in record["candidates"] if by_key.get((sku, c["file"])) == APPROVE
+            _approval(c, "review") for c in record["candidates"] if _decision_of(by_key, sku, c) == APPROVE
         ]
         if auto_approve:
             taken = {a["file"] for a in chosen}
             for c in record["candidates"]:  # best first
                 if len(chosen) >= wanted:
                     break
-                if c["file"] in taken or by_key.get((sku, c["file"])) == REJECT:
+                if c["file"] in taken or _decision_of(by_key, sku, c) == REJECT:
+                    continue
+                if c.get("image_sha256") and c["image_sha256"] in rejected:
                     continue
                 if require_qa_pass and not c["qa"]["passed"]:
                     continue
                 chosen.append(_approval(c, "auto"))
         approvals[sku] = chosen
     return approvals
+
+
+def rejected_images(reviews: Iterable[Review]) -> set[str]:
+    """The image hashes of every rejected row, current or not."""
+    return {r.image_sha256 for r in reviews if r.decision == REJECT and r.image_sha256}
 
 
 _CSS = """
@@ -198,7 +270,7 @@ def contact_sheet_html(
     run_id: str | None,
 ) -> str:
     """A self-contained page (inline CSS, images by path relative to the renders folder)."""
-    decisions = {r.key: r.decision for r in reviews}
+    decisions: dict[tuple[str, ...], str] = {r.key: r.decision for r in reviews}
     esc = html.escape
     lora = index.get("lora") or {}
     n_approved = sum(len(v) for v in approvals.values())
@@ -227,9 +299,7 @@ def contact_sheet_html(
             f"<p class='prompt'>{esc(record['row']['prompt'])}<br>negative: {esc(record['row']['negative_prompt'])}</p>"
             "<div class='grid'>"
         )
-        parts += [
-            _figure(sku, c, decisions.get((sku, c["file"]), ""), approved) for c in record["candidates"]
-        ]
+        parts += [_figure(sku, c, _decision_of(decisions, sku, c), approved) for c in record["candidates"]]
         parts.append("</div>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -281,7 +351,7 @@ def review_renders(
         index, records, reviews, approvals, _read_rejected(paths.rejected_csv), run_id=run_id
     )
     atomic_write_text(paths.contact_sheet, page)
-    current = {(r["sku"], c["file"]) for r in records for c in r["candidates"]}
+    current = {candidate_key(r["sku"], c) for r in records for c in r["candidates"]}
     live = [r for r in reviews if r.key in current]
     return ReviewResult(
         contact_sheet=paths.contact_sheet,
