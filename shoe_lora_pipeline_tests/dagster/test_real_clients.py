@@ -1,4 +1,4 @@
-"""The Dagster UI as a user meets it: a real ``dagster dev`` (webserver + daemon + code server), driven
+"""The Dagster UI as a user meets it: a real ``dg dev`` (webserver + daemon + code server), driven
 through its GraphQL API and through a headless Chromium.
 
 One server for the module, on a free loopback port with its own DAGSTER_HOME (holding a copy of the
