@@ -352,7 +352,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     except (ConfigError, DeviceError, BaseModelError, RenderSourceError) as exc:
         return _error("render", str(exc))
     for r in result.rows:
-        print(f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={str(r['qa_passed']).lower()}")
+        print(
+            f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={str(r['qa_passed']).lower()}"
+        )
     log(f"contact sheet: {paths.contact_sheet}")
     if not result.rows:
         log("nothing published: no candidate passed QA (see the contact sheet), or auto_approve is off")

@@ -113,7 +113,7 @@ def test_validation_grid_labels_are_readable_at_ui_size() -> None:
     shown = UI_IMAGE_SIDE / max(grid.size)  # the UI's thumbnail scale
     # The first label's ink: dark pixels in the white band between the title and the first image row.
     pixels = np.asarray(grid.convert("L"))
-    first_image_row = int(np.argmax((pixels[:, 10] == 128)))
+    first_image_row = int(np.argmax(pixels[:, 10] == 128))
     band = pixels[:first_image_row]
     ink_rows = np.flatnonzero((band < 128).any(axis=1))
     title_and_label = np.split(ink_rows, np.flatnonzero(np.diff(ink_rows) > 1) + 1)

@@ -893,7 +893,9 @@ def _from_render_png(path: Path) -> dict[str, Any]:
     render = found["render"]
     if not isinstance(render, dict) or not isinstance(render.get("lora_provenance"), dict):
         raise ProvenanceError(f"{path}: no shoe_lora_render provenance chunk in this PNG")
-    extra = {k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema", "dagster_run_id"}}
+    extra = {
+        k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema", "dagster_run_id"}
+    }
     # Two Dagster runs meet here: the LoRA's training run (provenance.dagster_run_id) and the run that
     # published this image (the chunk's dagster_run_id): named apart.
     extra["publish_run_id"] = render.get("dagster_run_id")
