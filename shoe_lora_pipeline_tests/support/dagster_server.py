@@ -231,8 +231,10 @@ def running_dagster_dev(
     env: Mapping[str, str],
     module: str = "shoe_lora_pipeline.definitions",
     instance_yaml: Path | None = None,
+    workspace: Path | None = None,
 ) -> Iterator[DagsterDev]:
-    """``dg dev -m <module>`` on a free 127.0.0.1 port, DAGSTER_HOME = ``workdir/dagster_home``.
+    """``dg dev -m <module>`` (or ``dg dev -w <workspace>``) on a free 127.0.0.1 port, DAGSTER_HOME =
+    ``workdir/dagster_home``.
 
     ``env`` is added to the current environment. On exit the server's process group is shut down and
     :class:`DagsterServerError` is raised if any of its processes survived.
@@ -250,7 +252,8 @@ def running_dagster_dev(
         "PYTHONUNBUFFERED": "1",
         **env,
     }
-    cmd = dg_command("dev", "-m", module, "--host", "127.0.0.1", "--port", str(port))
+    target = ["-w", str(workspace)] if workspace is not None else ["-m", module]
+    cmd = dg_command("dev", *target, "--host", "127.0.0.1", "--port", str(port))
     with open(log_path, "wb") as log, _sigint_not_ignored():
         proc = subprocess.Popen(
             cmd,
