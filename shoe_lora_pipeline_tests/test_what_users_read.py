@@ -79,6 +79,7 @@ def test_contact_sheet_shows_settings_readably_and_the_reviewers_notes() -> None
 
 def test_render_settings_text_keeps_unknown_keys() -> None:
     assert render_settings_text({"steps": 2, "hires": True}) == "2 steps · hires True"
+    assert render_settings_text({"candidates_per_image": 1}) == "1 candidate per image"
 
 
 def test_numbers_are_rounded_for_display_only() -> None:

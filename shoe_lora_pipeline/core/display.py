@@ -51,6 +51,7 @@ def render_settings_text(settings: Mapping[str, Any], sampler_names: Mapping[str
     if "seed" in s:
         parts.append(f"seed {s.pop('seed')}")
     if "candidates_per_image" in s:
-        parts.append(f"{s.pop('candidates_per_image')} candidates per image")
+        n = s.pop("candidates_per_image")
+        parts.append(f"{n} candidate{'' if n == 1 else 's'} per image")
     parts += [f"{k.replace('_', ' ')} {v}" for k, v in s.items()]
     return " · ".join(parts)
