@@ -222,8 +222,15 @@ def test_asset_pages_show_every_metadata_value_whole(
                 last_key = list(recorded)[-1]
                 table = page.locator("table", has=page.get_by_text(last_key, exact=True)).last
                 expect(table.get_by_text(last_key, exact=True)).to_be_visible(timeout=UI_TIMEOUT_MS)
-                table.screenshot(path=str(tmp_path / f"{asset}.png"))  # kept for a look when this fails
                 rows = {r["key"]: r for r in table.evaluate(MEASURE_JS)}
+                # The whole table in one picture, kept for a look when this fails: a window as tall as the
+                # page (same width, so the same layout), then back to the measured size.
+                tall = page.evaluate("() => document.querySelector('table').closest('[class]').scrollHeight")
+                page.set_viewport_size(
+                    {"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], tall + 400)}
+                )
+                table.screenshot(path=str(tmp_path / f"{asset}.png"))
+                page.set_viewport_size(VIEWPORT)
                 assert set(recorded) <= set(rows), (asset, sorted(set(recorded) - set(rows)))
                 for key, value in recorded.items():
                     row = rows[key]
