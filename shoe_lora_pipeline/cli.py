@@ -66,6 +66,8 @@ def _cell(value: Any) -> str:
     start a new row."""
     if value is None:
         return "-"
+    if isinstance(value, bool):  # as --json writes it
+        return "true" if value else "false"
     if isinstance(value, list | tuple):
         return one_line(", ".join(str(v) for v in value))
     if isinstance(value, float):

@@ -149,7 +149,12 @@ def test_audit_of_a_png_shows_its_qa_and_names_the_two_runs_apart(
     assert cli.main(["audit", str(published_png)]) == 0
     text = capsys.readouterr().out
     assert "QA (product-photo checks" in text
-    assert any(line.split()[:2] == ["passed", "False"] for line in text.splitlines())
+    qa_rows = text.split("QA (product-photo checks", 1)[1].splitlines()[1:4]
+    assert [r.split()[:2] for r in qa_rows] == [
+        ["passed", "false"],
+        ["score", "0.6459"],
+        ["failed", "white_border"],
+    ]
     assert "failed" in text and "white_border" in text
     assert "Provenance of the LoRA (dagster_run_id: its training run)" in text
     assert text.count("dagster_run_id ") == 1  # the LoRA's, once; the publishing run is publish_run_id

@@ -901,6 +901,8 @@ def _from_render_png(path: Path) -> dict[str, Any]:
     extra["publish_run_id"] = render.get("dagster_run_id")
     extra["parameters"] = found["parameters"]
     qa = render.get("qa") if isinstance(render.get("qa"), dict) else {}
+    # The verdict first (passed, score, failed), then each check's measurements.
+    qa = {**{k: qa[k] for k in ("passed", "score", "failed") if k in qa}, **qa}
     return {
         "format": "render_png",
         "lora": {},
