@@ -8,7 +8,7 @@ run on this machine:
   white square → LANCZOS 512 → PNG), the baseline of every ratio;
 * **core**: this project's four stage functions in a fresh process (seconds per stage, and the peak RSS of
   the process tree, pool workers included, against the same process's RSS after its imports);
-* **dagster, full** and **dagster, +N photos**: ``dagster asset materialize`` of the four data assets
+* **dagster, full** and **dagster, +N photos**: ``dg launch`` of the four data assets
   (a fresh instance; the second run after adding the new photos and their styles.csv rows): wall time of
   the command, the steps' own time from Dagster's event log, the time from a step process being
   launched to its step starting (multiprocess executor only), and the peak RSS of the process tree;
@@ -211,22 +211,24 @@ EXECUTORS = {  # --executor: run config for the Definitions' default executor (m
 
 
 def dagster_materialize(work: Path, cfg: Path, executor: str) -> dict:
-    """``dagster asset materialize`` of the data assets; wall time, step times and peak RSS."""
+    """``dg launch --assets`` of the data assets (from the project folder, as the README runs it); wall time,
+    step times and peak RSS."""
     home = work / "dagster_home"
     home.mkdir(exist_ok=True)
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    cmd = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "shoe_lora_pipeline.definitions"]
-    cmd += ["--select", ",".join(DATA_STAGES)]
+    cmd = [sys.executable, "-m", "dagster_dg_cli.cli", "launch", "--assets", ",".join(DATA_STAGES)]
     if EXECUTORS[executor] is not None:
         cmd += ["--config-json", json.dumps(EXECUTORS[executor])]
     env = _env(DAGSTER_HOME=str(home), SHOE_LORA_CONFIG=str(cfg))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     with TreeUsage(proc.pid) as rss:
         output, _ = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"dagster asset materialize failed:\n{output[-6000:]}")
+        raise RuntimeError(f"dg launch failed:\n{output[-6000:]}")
     return {"wall": wall, "peak_tree_rss_mb": rss.peak, "cpu_s": rss.cpu_s, **_step_times(home)}
 
 
@@ -432,10 +434,10 @@ def report(args: argparse.Namespace, r: dict) -> str:
         "| --- | --- | --- | --- | --- |",
         f"| naive PIL loop, {n:,} photos, 1 process | {naive:.1f} | 1.00× | | {ncpu:.1f} (1.00×) |",
         f"| data stage step time, full (4 Dagster steps) | {full_steps:.1f} | {full_steps / naive:.3f}× | ≤ 0.3× | |",
-        f"| `dagster asset materialize`, full, wall | {full['wall']:.1f} | {full['wall'] / naive:.3f}× | | "
+        f"| `dg launch`, full, wall | {full['wall']:.1f} | {full['wall'] / naive:.3f}× | | "
         f"{full['cpu_s']:.1f} ({full['cpu_s'] / ncpu:.2f}×) |",
         f"| data stage step time, +{add} photos | {inc_steps:.2f} | {inc_steps / naive:.4f}× | ≤ 0.03× | |",
-        f"| `dagster asset materialize`, +{add} photos, wall | {inc['wall']:.1f} | {inc['wall'] / naive:.3f}× | "
+        f"| `dg launch`, +{add} photos, wall | {inc['wall']:.1f} | {inc['wall'] / naive:.3f}× | "
         f"≤ 0.15× | {inc['cpu_s']:.1f} |",
         f"| core functions, full, in a fresh process | {sum(cf['seconds'].values()):.1f} | "
         f"{sum(cf['seconds'].values()) / naive:.3f}× | | {cf['cpu_s']:.1f} ({cf['cpu_s'] / ncpu:.2f}×) |",
@@ -472,8 +474,8 @@ def report(args: argparse.Namespace, r: dict) -> str:
         "| --- | --- |",
         f"| core run: RSS after imports (baseline) | {cf['baseline_rss_mb']:.0f} |",
         f"| core run: peak RSS of the process tree (pool workers included) | {cf['peak_tree_rss_mb']:.0f} |",
-        f"| `dagster asset materialize`, full: peak RSS of the process tree | {full['peak_tree_rss_mb']:.0f} |",
-        f"| `dagster asset materialize`, +{add}: peak RSS of the process tree | {inc['peak_tree_rss_mb']:.0f} |",
+        f"| `dg launch`, full: peak RSS of the process tree | {full['peak_tree_rss_mb']:.0f} |",
+        f"| `dg launch`, +{add}: peak RSS of the process tree | {inc['peak_tree_rss_mb']:.0f} |",
     ]
     if "levers" in r:
         lv, pool = r["levers"], r["pool"]
@@ -512,7 +514,7 @@ def memory_report(args: argparse.Namespace, r: dict) -> str:
                 "| --- | --- | --- | --- | --- |",
                 f"| core functions, fresh process | {sum(cf['seconds'].values()):.1f} | {cf['cpu_s']:.1f} | "
                 f"{cf['baseline_rss_mb']:.0f} | {cf['peak_tree_rss_mb']:.0f} |",
-                f"| `dagster asset materialize` ({args.executor}) | {full['wall']:.1f} | {full['cpu_s']:.1f} | | "
+                f"| `dg launch` ({args.executor}) | {full['wall']:.1f} | {full['cpu_s']:.1f} | | "
                 f"{full['peak_tree_rss_mb']:.0f} |",
                 "",
                 f"Core run: {cf['kept']:,} kept, {cf['near_duplicate_pairs']:,} near-duplicate pairs; seconds by "

@@ -66,6 +66,8 @@ def _cell(value: Any) -> str:
     start a new row."""
     if value is None:
         return "-"
+    if isinstance(value, bool):  # as --json writes it
+        return "true" if value else "false"
     if isinstance(value, list | tuple):
         return one_line(", ".join(str(v) for v in value))
     if isinstance(value, float):
@@ -74,11 +76,19 @@ def _cell(value: Any) -> str:
 
 
 def format_audit_table(record: Mapping[str, Any]) -> str:
-    """Sections (LoRA, Provenance, other) of ``key  value`` rows, keys aligned across the whole table."""
+    """Sections (LoRA, Provenance, QA, other) of ``key  value`` rows, keys aligned across the whole table.
+
+    For a published render the provenance is the LoRA's (its ``dagster_run_id`` is the training run) and
+    the render's own facts (``publish_run_id``, ``render_run_id``, …) follow under "Render"."""
+    render = record.get("format") == "render_png"
     sections = [
         ("LoRA", list(_flatten(record.get("lora") or {}))),
-        ("Provenance", list(_flatten(record.get("provenance") or {}))),
-        ("Other", list(_flatten(record.get("extra") or {}))),
+        (
+            "Provenance of the LoRA (dagster_run_id: its training run)" if render else "Provenance",
+            list(_flatten(record.get("provenance") or {})),
+        ),
+        ("QA (product-photo checks this image was published with)", list(_flatten(record.get("qa") or {}))),
+        ("Render" if render else "Other", list(_flatten(record.get("extra") or {}))),
     ]
     head = [("path", record.get("path")), ("format", record.get("format"))]
     width = max(len(k) for k, _ in head + [row for _, rows in sections for row in rows])
@@ -362,7 +372,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     ) as exc:
         return _error("render", str(exc))
     for r in result.rows:
-        print(f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={r['qa_passed']}")
+        print(
+            f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={str(r['qa_passed']).lower()}"
+        )
     log(f"contact sheet: {paths.contact_sheet}")
     if not result.rows:
         log("nothing published: no candidate passed QA (see the contact sheet), or auto_approve is off")

@@ -2,8 +2,8 @@
 resources.
 
 ``defs`` is a ``@dg.definitions`` function, so importing this module reads no config file: Dagster
-(``dagster dev``, ``dagster asset materialize -m shoe_lora_pipeline.definitions``, ``workspace.yaml``)
-calls it when it loads the code location. Tests call :func:`build_definitions` with their own config.
+(``dg dev``, ``dg launch``, ``dg check defs``, which find it through ``[tool.dg]`` in pyproject.toml, and
+``dagster dev -w workspace.yaml``) calls it when it loads the code location. Tests call :func:`build_definitions` with their own config.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import dagster as dg
 
 from shoe_lora_pipeline.core import markdown
 from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.display import display_value
 
 if TYPE_CHECKING:
     from shoe_lora_pipeline.core.device import DeviceInfo
@@ -21,13 +22,26 @@ if TYPE_CHECKING:
 MetadataDict = dict[str, dg.MetadataValue | str | int | float | bool]
 
 
+def _md_value(value: Any) -> Any:
+    """A table cell as people read it: booleans as JSON writes them (true/false, as Dagster shows its own
+    booleans, not Python's False), floats rounded (core.display)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return display_value(value)
+
+
 def md_table(rows: Iterable[Mapping[str, Any]], columns: list[str], empty: str = "_none_") -> str:
     """A markdown table of ``rows`` (one mapping each); cells escaped by :func:`core.markdown.md_cell`, so a
     hostile file name cannot break the table."""
     rows = list(rows)
     if not rows:
         return empty
-    return markdown.md_table(columns, [[r.get(c, "") for c in columns] for r in rows])
+    return markdown.md_table(columns, [[_md_value(r.get(c, "")) for c in columns] for r in rows])
+
+
+def rounded(metadata: MetadataDict) -> MetadataDict:
+    """Plain float values rounded for display (core.display); the JSON files keep full precision."""
+    return {k: display_value(v) for k, v in metadata.items()}
 
 
 def thumbnail_md(path: Path, caption: str, max_side: int = 384) -> str:

@@ -4,8 +4,9 @@
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config, device_for
-from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
+from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, rounded, thumbnail_md
 from shoe_lora_pipeline.core.config import EvaluationThresholds
+from shoe_lora_pipeline.core.display import display_value
 from shoe_lora_pipeline.core.evaluation.checks import check_descriptions
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 
@@ -66,7 +67,7 @@ def evaluation_report(
             description=c.reason,
             metadata={
                 "status": c.status,
-                "value": c.value if c.value is not None else "unavailable",
+                "value": display_value(c.value) if c.value is not None else "unavailable",
                 "threshold": f"{c.comparator} {c.threshold}".strip(),
                 "reason": c.reason,
             },
@@ -100,4 +101,4 @@ def evaluation_report(
         metadata["base_vs_lora_prompt0"] = dg.MetadataValue.md(
             thumbnail_md(comparison[0], "base vs LoRA", 480)
         )
-    return dg.MaterializeResult(metadata=metadata, check_results=check_results)
+    return dg.MaterializeResult(metadata=rounded(metadata), check_results=check_results)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config, device_for
-from shoe_lora_pipeline.assets._metadata import MetadataDict, config_metadata, thumbnail_md
+from shoe_lora_pipeline.assets._metadata import MetadataDict, config_metadata, rounded, thumbnail_md
 from shoe_lora_pipeline.core.config import PipelineConfig
+from shoe_lora_pipeline.core.display import UI_IMAGE_SIDE
 from shoe_lora_pipeline.core.gpu_slots import lease_gpus, visible_gpus
 from shoe_lora_pipeline.core.launch import TrainArgs, accelerate_command, k8s_pod, resolve_num_processes
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
@@ -168,8 +169,17 @@ def training_metadata(
         "max_train_steps": result.max_train_steps,
         "steps_this_run": result.steps_this_run,
         "skipped_already_complete": result.skipped,
-        "resumed_from_step": result.resumed_from if result.resumed_from is not None else -1,
+        # A fresh start has no step to name: the entry is left out and `started` says so.
+        "started": (
+            "already complete: skipped"
+            if result.skipped
+            else "fresh start"
+            if result.resumed_from is None
+            else f"resumed from step {result.resumed_from}"
+        ),
+        "resumed_from_step": result.resumed_from,
         "resume_note": result.resume_note,
+        # The last optimizer step's loss, and its EMA: the one the evaluation checklist compares.
         "final_loss": result.final_loss,
         "smoothed_loss": result.smoothed_loss,
         "wall_time_s": round(result.wall_time_s, 1),
@@ -191,11 +201,14 @@ def training_metadata(
         "training_log": dg.MetadataValue.path(str(result.log_path)),
     }
     if result.loss_curve_png:
-        metadata["loss_curve"] = dg.MetadataValue.md(thumbnail_md(result.loss_curve_png, "loss curve", 480))
+        metadata["loss_curve"] = dg.MetadataValue.md(
+            thumbnail_md(result.loss_curve_png, "loss curve", UI_IMAGE_SIDE)
+        )
     if result.latest_grid:
         metadata["validation_grid"] = dg.MetadataValue.md(
-            thumbnail_md(result.latest_grid, "validation grid", 480)
+            thumbnail_md(result.latest_grid, "validation grid", UI_IMAGE_SIDE)
         )
         metadata["validation_grid_path"] = dg.MetadataValue.path(str(result.latest_grid))
-    # Dagster's metadata floats must be real numbers; drop what a skipped run could not measure.
-    return {k: v for k, v in metadata.items() if v is not None}
+    # Dagster's metadata floats must be real numbers; drop what a skipped run could not measure. Floats are
+    # rounded for the page (training_summary.json and losses.csv keep full precision).
+    return rounded({k: v for k, v in metadata.items() if v is not None})

@@ -3,13 +3,16 @@
 
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config, device_for
-from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
+from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, rounded, thumbnail_md
 from shoe_lora_pipeline.core.config import ConfigError
 from shoe_lora_pipeline.core.renders import (
+    RenderPaths,
     RenderSettings,
     lora_source,
     pipeline_loader,
@@ -95,10 +98,20 @@ def product_renders(
         metadata["generation_s"] = round(result.stats.seconds, 1)
     if result.records:
         first = result.records[0]
-        best = result.paths.sku_dir(first["sku"]) / first["candidates"][0]["file"]
-        metadata["best_candidate"] = dg.MetadataValue.md(
-            thumbnail_md(best, f"{first['sku']} best candidate", 256)
-        )
+        metadata["best_candidate"] = dg.MetadataValue.md(best_candidate_md(result.paths, first))
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(hashlib.sha256(keys.encode()).hexdigest()), metadata=metadata
+        data_version=dg.DataVersion(hashlib.sha256(keys.encode()).hexdigest()), metadata=rounded(metadata)
     )
+
+
+def best_candidate_md(paths: RenderPaths, record: Mapping[str, Any]) -> str:
+    """The first SKU's best candidate, with a caption saying which SKU and file it is (the image's alt text
+    is not shown by the UI)."""
+    best = record["candidates"][0]
+    qa = best["qa"]
+    caption = (
+        f"**{record['sku']}**, best of {len(record['candidates'])}: `{record['sku']}/{best['file']}` "
+        f"(QA score {qa['score']:.3f}, {'pass' if qa['passed'] else 'fail'})"
+    )
+    image = thumbnail_md(paths.sku_dir(record["sku"]) / best["file"], f"{record['sku']} {best['file']}", 256)
+    return f"{caption}\n\n{image}"

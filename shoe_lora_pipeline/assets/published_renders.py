@@ -5,6 +5,7 @@ import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import config_metadata, md_table, thumbnail_md
+from shoe_lora_pipeline.core.display import short_hash
 from shoe_lora_pipeline.core.renders import RenderPaths, publish_renders
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
@@ -29,7 +30,18 @@ def published_renders(
         run_id=context.run.run_id,
         log=context.log.warning,
     )
-    rows = [{**r, "sha256": r["sha256"][:12]} for r in result.rows]
+    # A narrow table (short hashes; the full ones are in manifest.csv, the LoRA's below) so that no column
+    # is cut off in the asset page.
+    rows = [
+        {
+            "file": r["file"],
+            "qa_score": r["qa_score"],
+            "qa_passed": r["qa_passed"],
+            "sha256": short_hash(r["sha256"]),
+        }
+        for r in result.rows
+    ]
+    lora_hashes = sorted({r["lora_sha256"] for r in result.rows})
     metadata = {
         **config_metadata(cfg),
         "published_dir": dg.MetadataValue.path(str(result.published_dir)),
@@ -37,11 +49,14 @@ def published_renders(
         "images": len(result.rows),
         "skus_published": len({r["sku"] for r in result.rows}),
         "skus_without_images": dg.MetadataValue.json(result.skus_without_images),
-        "published": dg.MetadataValue.md(
-            md_table(rows, ["file", "qa_score", "qa_passed", "approved_by", "sha256"])
-        ),
+        "published": dg.MetadataValue.md(md_table(rows, ["file", "qa_score", "qa_passed", "sha256"])),
     }
+    if len(lora_hashes) == 1:
+        metadata["lora_sha256"] = lora_hashes[0]
     if result.rows:
         first = result.published_dir / result.rows[0]["file"]
-        metadata["first_image"] = dg.MetadataValue.md(thumbnail_md(first, result.rows[0]["sku"], 256))
+        metadata["first_image"] = dg.MetadataValue.md(
+            f"{result.rows[0]['sku']}: `{result.rows[0]['file']}`\n\n"
+            + thumbnail_md(first, f"{result.rows[0]['sku']} {result.rows[0]['file']}", 256)
+        )
     return dg.MaterializeResult(metadata=metadata)

@@ -1,10 +1,15 @@
 """render_review: the contact sheet, the reviewer's reviews.csv and which candidates are approved."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
+import shlex
+import sys
+from pathlib import Path
+
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import md_table
+from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.renders import RenderPaths, review_renders
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
@@ -24,11 +29,13 @@ def render_review(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource
 ) -> dg.MaterializeResult:
     cfg, layout = category_config(context, pipeline_config)
+    command = publish_command(context, cfg)
     result = review_renders(
         RenderPaths(layout.renders_dir),
         auto_approve=cfg.renders.auto_approve,
         require_qa_pass=cfg.renders.require_qa_pass,
         run_id=context.run.run_id,
+        publish_command=command,
     )
     for sku in result.skus_without_approval:
         context.log.warning(f"{sku}: no candidate approved (none passed QA, or all were rejected)")
@@ -40,6 +47,7 @@ def render_review(
     return dg.MaterializeResult(
         metadata={
             "contact_sheet": dg.MetadataValue.path(str(result.contact_sheet)),
+            "publish_command": command,
             "reviews_csv": dg.MetadataValue.path(str(result.reviews_csv)),
             "candidates": result.n_candidates,
             "approved_images": len(approved),
@@ -51,3 +59,24 @@ def render_review(
             "approved": dg.MetadataValue.md(md_table(approved, ["sku", "file", "by", "rank", "qa_score"])),
         }
     )
+
+
+def publish_command(context: dg.AssetExecutionContext, cfg: PipelineConfig) -> str:
+    """The exact command that re-reads reviews.csv and publishes this category: ``dg launch`` of this
+    asset and its published_renders, with this run's instance and config, from the project folder (the
+    `dg` CLI finds the project through pyproject.toml's [tool.dg]); ``-m`` when the package is not run
+    from a checkout."""
+    keys = [context.asset_key, dg.AssetKey([*context.asset_key.path[:-1], "published_renders"])]
+    env = [f"DAGSTER_HOME={shlex.quote(context.instance.root_directory)}"]
+    if cfg.source_path is not None:
+        env.append(f"SHOE_LORA_CONFIG={shlex.quote(str(Path(cfg.source_path).resolve()))}")
+    dg_cli = Path(sys.executable).parent / "dg"
+    launch = [str(dg_cli) if dg_cli.is_file() else "dg", "launch"]
+    project = Path(__file__).resolve().parents[2]
+    prefix = ""
+    if (project / "pyproject.toml").is_file():
+        prefix = f"cd {shlex.quote(str(project))} && "
+    else:
+        launch += ["-m", "shoe_lora_pipeline.definitions"]
+    launch += ["--assets", ",".join(k.to_user_string() for k in keys)]
+    return prefix + " ".join([*env, shlex.join(launch)])

@@ -303,7 +303,9 @@ EVALUATION_PROMPTS = [
 class EvaluationThresholds(_Strict):
     """The recipe's validation checklist; a check whose metric is unavailable never passes."""
 
-    final_loss_max: float = Field(0.02, description="Final (smoothed) training loss below this.")
+    final_loss_max: float = Field(
+        0.02, description="lora_training's smoothed_loss (EMA of the per-step losses) below this."
+    )
     white_background_min: float = Field(0.95, ge=0.0, le=1.0, description="Share of white-background images.")
     centred_min: float = Field(0.90, ge=0.0, le=1.0, description="Share of centred products.")
     colour_adherence_min: float = Field(

@@ -928,9 +928,23 @@ def _from_render_png(path: Path) -> dict[str, Any]:
     render = found["render"]
     if not isinstance(render, dict) or not isinstance(render.get("lora_provenance"), dict):
         raise ProvenanceError(f"{path}: no shoe_lora_render provenance chunk in this PNG")
-    extra = {k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema"}}
+    extra = {
+        k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema", "dagster_run_id"}
+    }
+    # Two Dagster runs meet here: the LoRA's training run (provenance.dagster_run_id) and the run that
+    # published this image (the chunk's dagster_run_id): named apart.
+    extra["publish_run_id"] = render.get("dagster_run_id")
     extra["parameters"] = found["parameters"]
-    return {"format": "render_png", "lora": {}, "provenance": render["lora_provenance"], "extra": extra}
+    qa = render.get("qa") if isinstance(render.get("qa"), dict) else {}
+    # The verdict first (passed, score, failed), then each check's measurements.
+    qa = {**{k: qa[k] for k in ("passed", "score", "failed") if k in qa}, **qa}
+    return {
+        "format": "render_png",
+        "lora": {},
+        "provenance": render["lora_provenance"],
+        "qa": qa,
+        "extra": extra,
+    }
 
 
 def _add_run_facts(path: Path, result: dict[str, Any]) -> dict[str, Any]:
@@ -965,7 +979,8 @@ def read_provenance(path: Path) -> dict[str, Any]:
     Accepts a ``.safetensors`` file (kohya, diffusers or PEFT export), ``adapter_config.json``,
     ``provenance.json``, ``README.md``, the ``lora_weights`` folder, a fused pipeline folder or a published
     product render (``.png``).
-    Returns ``{"path", "format", "lora", "provenance", "extra"}``. Raises :class:`ProvenanceError` naming the path when there is none.
+    Returns ``{"path", "format", "lora", "provenance", "extra"}`` (a render also ``"qa"``: the product QA
+    it was published with). Raises :class:`ProvenanceError` naming the path when there is none.
     """
     path = Path(path)
     if not path.exists():

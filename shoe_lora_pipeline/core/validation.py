@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from shoe_lora_pipeline.core.display import UI_IMAGE_SIDE
 from shoe_lora_pipeline.core.fsutil import atomic_save_png
 from shoe_lora_pipeline.core.latents import encode_captions
 
@@ -125,24 +126,36 @@ def short_labels(prompts: list[str]) -> list[str]:
     return labels
 
 
+# Labels are drawn so that they are LABEL_PX tall in the UI's thumbnail (longer side UI_IMAGE_SIDE),
+# however large the grid is.
+LABEL_PX = 12
+
+
 def make_grid(rows: list[list[Image.Image]], labels: list[str], title: str) -> Image.Image:
-    """Rows = prompts, columns = images; a title bar and a one-line label above each row."""
+    """Rows = prompts, columns = images; a title bar and a one-line label above each row, large enough to
+    read at the size the Dagster UI shows the grid."""
     cell = min(MAX_GRID_CELL, max(img.width for row in rows for img in row))
     cols = max(len(r) for r in rows)
-    label_h, title_h, pad = 16, 20, 2
+    pad = 2
     width = cols * (cell + pad) + pad
-    height = title_h + len(rows) * (label_h + cell + pad) + pad
+    # The scale at which the UI shrinks the grid (its height grows with the labels, hence two passes).
+    scale = max(1.0, width / UI_IMAGE_SIDE, (len(rows) * (cell + pad)) / UI_IMAGE_SIDE)
+    for _ in range(2):
+        font_px = round(LABEL_PX * scale)
+        label_h, title_h = round(font_px * 1.4), round(font_px * 1.6)
+        height = title_h + len(rows) * (label_h + cell + pad) + pad
+        scale = max(1.0, width / UI_IMAGE_SIDE, height / UI_IMAGE_SIDE)
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
-    font = _label_font()
-    draw.text((pad + 2, 3), title, fill="black", font=font)
-    max_chars = max(8, width // 7)
+    font = _label_font(font_px)
+    draw.text((pad + 2, round(font_px * 0.2)), title, fill="black", font=font)
+    max_chars = max(8, int(width / (0.6 * font_px)))
     y = title_h
     for r, row in enumerate(rows):
         text = labels[r] if r < len(labels) else ""
         if len(text) > max_chars:
             text = text[: max_chars - 1] + "…"
-        draw.text((pad + 2, y + 2), text, fill=(60, 60, 60), font=font)
+        draw.text((pad + 2, y + round(font_px * 0.15)), text, fill=(60, 60, 60), font=font)
         y += label_h
         for c, img in enumerate(row):
             grid.paste(img.resize((cell, cell), Image.BICUBIC), (pad + c * (cell + pad), y))

@@ -83,6 +83,13 @@ def test_whole_graph_on_tiny_model(tmp_path: Path, tiny_sd_cache: Path) -> None:
     assert training["trainable_params"].value > 0
     assert "data:image/png;base64," in training["loss_curve"].value
     assert "data:image/png;base64," in training["validation_grid"].value
+    # A fresh start says so (no -1); numbers are rounded for the page (the JSON files keep full precision).
+    assert training["started"].value == "fresh start" and "resumed_from_step" not in training
+    for key in ("seconds_per_step", "images_per_second", "smoothed_loss", "final_loss"):
+        value = training[key].value
+        assert value == float(f"{value:.4g}"), (key, value)
+    summary = json.loads((tmp_path / "out" / "casual_shoes" / "lora" / "training_summary.json").read_text())
+    assert summary["smoothed_loss"] == pytest.approx(training["smoothed_loss"].value, rel=1e-3)
 
     out = tmp_path / "out" / "casual_shoes" / "lora"
     assert {p.name for p in (out / "checkpoints").iterdir()} >= {"checkpoint-2", "checkpoint-4"}

@@ -1,8 +1,9 @@
-"""The Dagster UI as a user meets it: a real ``dagster dev`` (webserver + daemon + code server), driven
+"""The Dagster UI as a user meets it: a real ``dg dev`` (webserver + daemon + code server), driven
 through its GraphQL API and through a headless Chromium.
 
-One server for the module, on a free loopback port with its own DAGSTER_HOME (holding a copy of the
-repository's .dagster_home/dagster.yaml), a small two-category config and the tiny model.
+One server for the module (``dg dev -w workspace.yaml``: the repository's workspace file), on a free
+loopback port with its own DAGSTER_HOME (holding a copy of the repository's .dagster_home/dagster.yaml),
+a small two-category config and the tiny model.
 ``retrain_job`` is launched through ``DagsterGraphQLClient`` exactly like the launchpad does; the browser
 then looks at the lineage graph after that run. Asset keys and checks are never hard-coded: they come
 from the definitions, loaded in a separate interpreter with the server's environment, and must match what
@@ -228,7 +229,10 @@ def ui(tmp_path_factory: pytest.TempPathFactory, tiny_sd_cache: Path) -> Iterato
     }
     definitions = list_definitions(env, workdir)  # in parallel with the server's start
     try:
-        with running_dagster_dev(workdir, env, instance_yaml=INSTANCE_YAML) as server:
+        # The repository's workspace.yaml, as deployments that use a workspace file load the code.
+        with running_dagster_dev(
+            workdir, env, instance_yaml=INSTANCE_YAML, workspace=REPO_ROOT / "workspace.yaml"
+        ) as server:
             server.wait_until_loaded()
             yield Ui(server=server, expected=read_definitions(definitions), workdir=workdir)
     finally:

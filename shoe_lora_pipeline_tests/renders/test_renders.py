@@ -224,6 +224,30 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     assert unlocked(after) == unlocked(before)
     html = (renders / "contact_sheet.html").read_text(encoding="utf-8")
     assert "candidates/%C3%9C-2/" in html and "http" not in html  # images by relative path only
+    # What users read: the hashed file named with its hash, the exact publish command, readable settings.
+    assert f"LoRA file <code>pytorch_lora_weights.safetensors</code> sha256 <code>{lora_sha}</code>" in html
+    command = meta["render_review"]["publish_command"].value
+    assert "dg launch --assets render_review,published_renders" in command and "DAGSTER_HOME=" in command
+    assert f"SHOE_LORA_CONFIG={cfg_path.resolve()}" in command
+    assert "Settings: 2 steps · CFG 7.5 · DPM++ 2M · 64×64 px" in html
+    # Asset pages: paths as paths, short hashes in tables with the full ones as their own entries,
+    # true/false (not Python's False), a thumbnail that says which SKU and file it is.
+    for stage, key in [
+        ("product_renders", "rejected_specs_csv"),
+        ("render_review", "contact_sheet"),
+        ("published_renders", "manifest"),
+    ]:
+        assert isinstance(meta[stage][key], dg.PathMetadataValue), (stage, key)
+    assert meta["product_renders"]["lora_sha256"].value == lora_sha
+    assert meta["published_renders"]["lora_sha256"].value == lora_sha
+    table = meta["published_renders"]["published"].value
+    assert "False" not in table and "True" not in table and ("| false |" in table or "| true |" in table)
+    shas = [line.split("|")[-2].strip() for line in table.splitlines()[2:]]
+    assert shas and all(len(s) == 12 for s in shas)
+    best = meta["product_renders"]["best_candidate"].value
+    first_sku = sorted(p.name for p in published.iterdir() if p.is_dir())[0]
+    caption = best.split("![", 1)[0]
+    assert first_sku in caption and ".png" in caption
 
     # A reviewer rejects one published image: the next review + publish replaces it with the next best.
     reviews = renders / "reviews.csv"
@@ -239,6 +263,7 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     assert again.success
     assert [p.name for p in (published / "CS-1").iterdir()] != [first_cs1]
     assert f"CS-1,{first_cs1},reject,bad" in reviews.read_text(encoding="utf-8")
+    assert "note: bad" in (renders / "contact_sheet.html").read_text(encoding="utf-8")  # the reviewer's note
 
 
 def test_cli_render_one_sku(

@@ -1,7 +1,7 @@
-"""A real ``dagster dev`` for tests: a free loopback port, its own DAGSTER_HOME, its own process group.
+"""A real ``dg dev`` for tests: a free loopback port, its own DAGSTER_HOME, its own process group.
 
-:func:`running_dagster_dev` starts the webserver, the daemon and the code server exactly as a user
-would, waits (bounded) until the code location has loaded, and on exit shuts the whole process group
+:func:`running_dagster_dev` starts the webserver, the daemon and the code server with the `dg` CLI exactly
+as a user would, waits (bounded) until the code location has loaded, and on exit shuts the whole process group
 down -- politely first, then SIGTERM to the group, then SIGKILL -- and reports any process it left.
 """
 
@@ -26,7 +26,7 @@ import requests
 
 # The code location, its jobs and assets; loading it imports torch, diffusers, peft…
 READY_TIMEOUT_S = 120.0
-# `dagster dev` maps SIGTERM to SIGINT and then stops the webserver and daemon (up to 5 s each for
+# `dg dev` maps SIGTERM to SIGINT and then stops the webserver and daemon (up to 5 s each for
 # those alone) and the code server; on 2 busy cores that takes a few seconds more.
 GRACEFUL_STOP_S = 45.0
 POLL_INTERVAL_S = 0.5
@@ -56,6 +56,11 @@ class DagsterServerError(RuntimeError):
     pass
 
 
+def dg_command(*args: str) -> list[str]:
+    """The `dg` CLI of this interpreter's environment (the script pip installs runs the same function)."""
+    return [sys.executable, "-m", "dagster_dg_cli.cli", *args]
+
+
 def free_loopback_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now (the kernel picks it: bind to port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -65,7 +70,7 @@ def free_loopback_port() -> int:
 
 @dataclass
 class DagsterDev:
-    """A running ``dagster dev``: its address, its instance folder, its log and its process group."""
+    """A running ``dg dev``: its address, its instance folder, its log and its process group."""
 
     port: int
     home: Path
@@ -81,7 +86,7 @@ class DagsterDev:
 
     @property
     def pgid(self) -> int:
-        # start_new_session=True: the `dagster dev` process leads its own session and process group.
+        # start_new_session=True: the `dg dev` process leads its own session and process group.
         return self.proc.pid
 
     def log_tail(self, chars: int = 6000) -> str:
@@ -148,7 +153,7 @@ class DagsterDev:
         """Shut everything down; returns the processes still alive afterwards (should be none)."""
         self._remember_tree()
         if self.proc.poll() is None:
-            # The polite way, as Ctrl-C in a terminal: `dagster dev` stops its services in order.
+            # The polite way, as Ctrl-C in a terminal: `dg dev` stops its services in order.
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=GRACEFUL_STOP_S)
@@ -175,7 +180,7 @@ class DagsterDev:
             self._remember_tree()
             if self.proc.poll() is not None:
                 raise DagsterServerError(
-                    f"dagster dev exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}"
+                    f"dg dev exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}"
                 )
             try:
                 info = requests.get(f"{self.url}/server_info", timeout=2)
@@ -200,13 +205,13 @@ class DagsterDev:
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last = f"{type(exc).__name__}"
             time.sleep(POLL_INTERVAL_S)
-        raise DagsterServerError(f"dagster dev not ready after {timeout:.0f} s ({last}):\n{self.log_tail()}")
+        raise DagsterServerError(f"dg dev not ready after {timeout:.0f} s ({last}):\n{self.log_tail()}")
 
 
 @contextlib.contextmanager
 def _sigint_not_ignored() -> Iterator[None]:
     """A child inherits an *ignored* SIGINT (e.g. a CI step started in the background with `&`); then
-    `dagster dev` would ignore SIGTERM too (it maps SIGTERM to SIGINT). Give the child the default."""
+    `dg dev` would ignore SIGTERM too (it maps SIGTERM to SIGINT). Give the child the default."""
     if (
         threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -226,8 +231,10 @@ def running_dagster_dev(
     env: Mapping[str, str],
     module: str = "shoe_lora_pipeline.definitions",
     instance_yaml: Path | None = None,
+    workspace: Path | None = None,
 ) -> Iterator[DagsterDev]:
-    """``dagster dev -m <module>`` on a free 127.0.0.1 port, DAGSTER_HOME = ``workdir/dagster_home``.
+    """``dg dev -m <module>`` (or ``dg dev -w <workspace>``) on a free 127.0.0.1 port, DAGSTER_HOME =
+    ``workdir/dagster_home``.
 
     ``env`` is added to the current environment. On exit the server's process group is shut down and
     :class:`DagsterServerError` is raised if any of its processes survived.
@@ -245,7 +252,8 @@ def running_dagster_dev(
         "PYTHONUNBUFFERED": "1",
         **env,
     }
-    cmd = [sys.executable, "-m", "dagster", "dev", "-m", module, "--host", "127.0.0.1", "--port", str(port)]
+    target = ["-w", str(workspace)] if workspace is not None else ["-m", module]
+    cmd = dg_command("dev", *target, "--host", "127.0.0.1", "--port", str(port))
     with open(log_path, "wb") as log, _sigint_not_ignored():
         proc = subprocess.Popen(
             cmd,
@@ -262,6 +270,4 @@ def running_dagster_dev(
     finally:
         left = server.stop()
         if left:
-            raise DagsterServerError(
-                f"processes left after shutting down dagster dev:\n{server.describe(left)}"
-            )
+            raise DagsterServerError(f"processes left after shutting down dg dev:\n{server.describe(left)}")

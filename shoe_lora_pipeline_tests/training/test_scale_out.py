@@ -1,6 +1,6 @@
 """Training as its own process: 2 data-parallel processes on the CPU (gloo) through ``accelerate launch``,
 Dagster Pipes, faults (SIGKILL of the launcher, SIGINT, a dying rank), resume across process counts and
-``dagster asset materialize``.
+``dg launch``.
 
 The runs with several processes are slow to start (every process imports torch and diffusers), so one
 2-process run through ``dg.materialize`` is shared by the tests that read it, and the fault sequence is one
@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from shoe_lora_pipeline.core.launch import TrainArgs, accelerate_command
 from shoe_lora_pipeline.core.run_artifacts import StepClock, read_losses_csv
 from shoe_lora_pipeline.core.training import PendingStep, TrainingError, settle
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
+from shoe_lora_pipeline_tests.support.dagster_server import dg_command
 from shoe_lora_pipeline_tests.support.paths import REPO_ROOT
 from shoe_lora_pipeline_tests.support.training import (
     RESUME_SETTINGS,
@@ -217,7 +217,7 @@ def test_kill_interrupt_and_resume_over_two_processes(tmp_path, tiny_sd_cache, d
     # The resumed processes continued the interrupted run bit for bit (same process count, same machine).
     assert_same_lora(lora_tensors(root / "checkpoint-6"), two_process_run["checkpoint_6"])
 
-    # 3. `dagster asset materialize` with a run config, one process this time: it resumes from checkpoint-6,
+    # 3. `dg launch` with a run config, one process this time: it resumes from checkpoint-6,
     #    says that the process count changed, and ends with the LoRA of the 2-process run that was never
     #    interrupted (the same maths in another float summation order).
     home = tmp_path / "dagster_home"
@@ -232,17 +232,8 @@ def test_kill_interrupt_and_resume_over_two_processes(tmp_path, tiny_sd_cache, d
     }
     run_config.write_text(yaml.safe_dump({"resources": resources}))
     env = {**os.environ, "SHOE_LORA_CONFIG": str(path), "DAGSTER_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "asset",
-        "materialize",
-        "-m",
-        "shoe_lora_pipeline.definitions",
-    ]
     done = subprocess.run(
-        [*command, "--select", "lora_training", "-c", str(run_config)],
+        dg_command("launch", "--assets", "lora_training", "-c", str(run_config)),
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

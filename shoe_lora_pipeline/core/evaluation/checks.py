@@ -179,7 +179,16 @@ def _memorisation(x: Inputs) -> Measured:
 
 # The checklist, in report order.
 CHECKS: tuple[CheckSpec, ...] = (
-    CheckSpec("final_loss", "Final (smoothed) training loss", "final_loss_max", "<", "WARN", _final_loss),
+    CheckSpec(
+        "final_loss",
+        # Names the number it compares: lora_training shows final_loss (the last step's) and smoothed_loss.
+        "lora_training's smoothed_loss (EMA of the per-step losses; its final_loss, the last step's, when "
+        "no EMA was recorded)",
+        "final_loss_max",
+        "<",
+        "WARN",
+        _final_loss,
+    ),
     CheckSpec(
         "white_background",
         "Share of LoRA generations whose border is near-white",

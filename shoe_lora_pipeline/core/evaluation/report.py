@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from shoe_lora_pipeline.core.config import EvaluationThresholds
+from shoe_lora_pipeline.core.display import round_for_display
 from shoe_lora_pipeline.core.evaluation.checks import (
     CHECKS_BY_NAME,
     CheckOutcome,
@@ -105,9 +106,18 @@ class Comparison:
 # ----------------------------------------------------------------------------------------------
 
 
+# The training loss the checklist compares, named as lora_training's metadata names it.
+LOSS_LABELS = {
+    "smoothed_loss": "Smoothed training loss (smoothed_loss)",
+    "final_loss": "Last-step training loss (final_loss)",
+}
+
+
 def _fmt(value: float | None, kind: str = "num") -> str:
     if value is None:
         return "—"
+    if kind == "loss":  # the same digits as lora_training's metadata (core.display)
+        return f"{round_for_display(value):g}"
     if kind == "share":
         return f"{100 * value:.0f}%"
     if kind == "small":
@@ -187,9 +197,9 @@ def metric_rows(f: Findings) -> list[list[str]]:
     loss, which = training_loss(f.training_summary)
     rows.append(
         [
-            "Final training loss ↓",
+            f"{LOSS_LABELS.get(which, 'Training loss')} ↓",
             "n/a",
-            _fmt(loss, "small"),
+            _fmt(loss, "loss"),
             CHECKS_BY_NAME["final_loss"].limit_text(t),
             _check_cell(by_name.get("final_loss")),
         ]
@@ -489,7 +499,7 @@ def _check_rows(checks: Sequence[CheckOutcome]) -> list[list[str]]:
             c.name,
             "pass" if c.passed else ("unavailable" if c.status == "unavailable" else "FAIL"),
             c.severity,
-            _fmt(c.value, "small" if c.name in {"final_loss"} else "num"),
+            _fmt(c.value, "loss" if c.name in {"final_loss"} else "num"),
             f"{c.comparator} {c.threshold:g}",
             c.reason,
         ]

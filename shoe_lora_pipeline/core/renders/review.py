@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from shoe_lora_pipeline.core.display import render_settings_text
 from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
+from shoe_lora_pipeline.core.renders.generate import SAMPLERS
 from shoe_lora_pipeline.core.renders.store import RenderPaths, read_index
 
 REVIEW_COLUMNS = ("sku", "file", "decision", "note", "seed", "image_sha256")
@@ -239,11 +241,14 @@ figure.approved{border-color:#2a8a3e} figure.rejected{border-color:#b33;opacity:
 figure img{width:200px;height:200px;object-fit:contain;background:#fff;display:block}
 .pass{color:#2a8a3e;font-weight:600} .fail{color:#b33;font-weight:600}
 table{border-collapse:collapse;font-size:.85em} td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
-code{font-size:.9em}
+code{font-size:.9em} .note{color:#444;font-style:italic;white-space:pre-wrap}
+.publish code{background:#f3f3f3;padding:2px 4px;user-select:all}
 """
 
 
-def _figure(sku: str, c: Mapping[str, Any], decision: str, approved: Mapping[str, str]) -> str:
+def _figure(
+    sku: str, c: Mapping[str, Any], decision: str, approved: Mapping[str, str], note: str = ""
+) -> str:
     qa = c["qa"]
     status = (
         '<span class="pass">QA pass</span>'
@@ -253,10 +258,11 @@ def _figure(sku: str, c: Mapping[str, Any], decision: str, approved: Mapping[str
     state = f"approved ({approved[c['file']]})" if c["file"] in approved else (decision or "no decision")
     css = "approved" if c["file"] in approved else "rejected" if decision == REJECT else ""
     src = f"candidates/{quote(sku)}/{quote(c['file'])}"
+    note_html = f'<br><span class="note">note: {html.escape(note)}</span>' if note else ""
     return (
         f'<figure class="{css}"><img src="{html.escape(src)}" alt="{html.escape(c["file"])}" loading="lazy">'
         f"<figcaption>#{c['rank']} · score {qa['score']:.3f} · {status}<br>seed <code>{c['seed']}</code>"
-        f"<br><code>{html.escape(c['file'])}</code><br>{html.escape(state)}</figcaption></figure>"
+        f"<br><code>{html.escape(c['file'])}</code><br>{html.escape(state)}{note_html}</figcaption></figure>"
     )
 
 
@@ -268,9 +274,17 @@ def contact_sheet_html(
     rejected_rows: Sequence[Mapping[str, str]],
     *,
     run_id: str | None,
+    publish_command: str | None = None,
+    sampler_names: Mapping[str, str] | None = None,
 ) -> str:
-    """A self-contained page (inline CSS, images by path relative to the renders folder)."""
+    """A self-contained page (inline CSS, images by path relative to the renders folder).
+
+    ``publish_command`` is the exact command that re-runs the review and publishes (the Dagster layer
+    knows the asset keys and the instance); ``sampler_names`` maps the config's sampler ids to the names
+    people know (``dpmpp_2m`` → ``DPM++ 2M``)."""
+    reviews = list(reviews)
     decisions: dict[tuple[str, ...], str] = {r.key: r.decision for r in reviews}
+    notes: dict[tuple[str, ...], str] = {r.key: r.note for r in reviews}
     esc = html.escape
     lora = index.get("lora") or {}
     n_approved = sum(len(v) for v in approvals.values())
@@ -278,9 +292,20 @@ def contact_sheet_html(
         "<!doctype html><html><head><meta charset='utf-8'><title>Product renders: review</title>",
         f"<style>{_CSS}</style></head><body><h1>Product renders: review</h1>",
         f"<p>Run <code>{esc(str(run_id))}</code> · specs sha256 <code>{esc(str(index.get('specs_sha256'))[:16])}</code>"
-        f" · LoRA <code>{esc(str(lora.get('name')))}</code> sha256 <code>{esc(str(lora.get('lora_sha256'))[:16])}</code>"
-        f" · {len(records)} SKUs · {n_approved} images approved · settings <code>{esc(str(index.get('settings')))}</code></p>",
-        "<p>Edit <code>reviews.csv</code> (decision: approve / reject) and materialize render_review again.</p>",
+        f" · {len(records)} SKUs · {n_approved} images approved</p>",
+        # The file whose hash is shown: the same file and sha256 as manifest.csv and each PNG's chunk.
+        f"<p>LoRA file <code>{esc(str(lora.get('lora_file')))}</code> sha256 "
+        f"<code>{esc(str(lora.get('lora_sha256')))}</code> (A1111 lists it as "
+        f"<code>{esc(str(lora.get('name')))}</code>)</p>",
+        f"<p>Settings: {esc(render_settings_text(index.get('settings') or {}, sampler_names))}</p>",
+        "<p class='publish'>Edit <code>reviews.csv</code> (decision: approve / reject, and a note if you like), "
+        "then publish: "
+        + (
+            f"<code>{esc(publish_command)}</code>"
+            if publish_command
+            else "materialize <code>render_review</code> and <code>published_renders</code>"
+        )
+        + "</p>",
     ]
     if rejected_rows:
         parts.append(
@@ -299,7 +324,10 @@ def contact_sheet_html(
             f"<p class='prompt'>{esc(record['row']['prompt'])}<br>negative: {esc(record['row']['negative_prompt'])}</p>"
             "<div class='grid'>"
         )
-        parts += [_figure(sku, c, _decision_of(decisions, sku, c), approved) for c in record["candidates"]]
+        parts += [
+            _figure(sku, c, _decision_of(decisions, sku, c), approved, _decision_of(notes, sku, c))
+            for c in record["candidates"]
+        ]
         parts.append("</div>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -329,6 +357,7 @@ def review_renders(
     auto_approve: bool,
     require_qa_pass: bool,
     run_id: str | None = None,
+    publish_command: str | None = None,
 ) -> ReviewResult:
     """Merge reviews.csv with the current candidates, decide approvals, write approvals.json and the page."""
     index, records = read_index(paths)
@@ -348,7 +377,14 @@ def review_renders(
         ensure_ascii=False,
     )
     page = contact_sheet_html(
-        index, records, reviews, approvals, _read_rejected(paths.rejected_csv), run_id=run_id
+        index,
+        records,
+        reviews,
+        approvals,
+        _read_rejected(paths.rejected_csv),
+        run_id=run_id,
+        publish_command=publish_command,
+        sampler_names={k: v[1] for k, v in SAMPLERS.items()},
     )
     atomic_write_text(paths.contact_sheet, page)
     current = {candidate_key(r["sku"], c) for r in records for c in r["candidates"]}
