@@ -1,0 +1,254 @@
+"""Finishing a product render for a marketplace profile, deterministically (no model, no randomness).
+
+1. **Segment.** The background is the set of pixels within ``tolerance`` (largest channel difference) of
+   the border's median colour *and connected to the border*: a mask grown from the border, never a global
+   threshold, so a white sneaker on an off-white backdrop keeps every shoe pixel that differs from the
+   backdrop by more than the tolerance, even where it is brighter than the backdrop. Specks (tiny
+   islands) join the background. The contact shadow is the neutral (grey) region darker than the
+   backdrop, at least ``SHADOW_MIN_BRIGHTNESS`` of its brightness (``SHADOW_MEAN_BRIGHTNESS`` on
+   average), attached to the background and not hugging the product's silhouette (an outline or a grey
+   sole edge stays product). A light-grey product part standing away from the shoe's body could still be
+   taken for shadow, which is why ``publish.shadow`` defaults to ``keep``.
+2. **Refuse** what finishing cannot fix honestly: a border that is not near-white at all (a scene, not a
+   studio shot), a product touching the frame's edge (it would be cut), no product at all.
+3. **Snap** the background (and the shadow with ``shadow="remove"``) to the profile's colour exactly.
+4. **Frame**: crop or pad (with the profile's colour) to the profile's aspect around the product's
+   bounding box so that the box fills the middle of the profile's fill range, centred; the kept shadow
+   always stays whole inside the frame. Then resample (Lanczos) to the profile's size and snap again
+   the pixels whose whole neighbourhood was background, so resampling leaves no off-white ripple.
+
+:func:`measure` runs step 1 on a finished file: the compliance checks use it to re-measure the fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from shoe_lora_pipeline.core.marketplace import MarketplaceProfile
+
+ShadowMode = Literal["keep", "remove"]
+DEFAULT_TOLERANCE = 12  # largest channel difference from the backdrop still counted as backdrop
+DEFAULT_NEAR_WHITE = 200  # a border whose median darkest channel is below this is "not near-white at all"
+SHADOW_MIN_BRIGHTNESS = 0.45  # a shadow keeps at least this share of the backdrop's brightness
+SHADOW_MEAN_BRIGHTNESS = 0.7  # … and is light on average (a grey shoe is not a shadow)
+SHADOW_MAX_CHROMA = 18  # … and is grey: largest minus smallest channel at most this (plus the backdrop's)
+_SPECK_SHARE = 2e-4  # islands smaller than this share of the image are noise, not product
+
+
+@dataclass
+class Segmentation:
+    background: np.ndarray  # bool H×W, grown from the border
+    shadow: np.ndarray  # bool H×W, grey and darker than the backdrop, attached to the background
+    product: np.ndarray  # bool H×W, everything else
+    backdrop: tuple[int, int, int]  # the border's median colour
+    border_near_white: float  # share of border pixels whose darkest channel ≥ near_white
+    edge_sides: list[str]  # sides of the frame the product touches
+
+    def bbox(self, mask: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+        """(left, top, right, bottom), right/bottom exclusive, of ``mask`` (default: the product)."""
+        m = self.product if mask is None else mask
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        if rows.size == 0:
+            return None
+        return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _border_ring(h: int, w: int, width: int) -> np.ndarray:
+    ring = np.zeros((h, w), dtype=bool)
+    ring[:width, :] = ring[-width:, :] = True
+    ring[:, :width] = ring[:, -width:] = True
+    return ring
+
+
+def _touching_border(mask: np.ndarray) -> np.ndarray:
+    """The connected parts of ``mask`` (4-neighbourhood) that reach the image's outermost pixels."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(edge)] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def segment(
+    rgb: np.ndarray, *, tolerance: int = DEFAULT_TOLERANCE, near_white: int = DEFAULT_NEAR_WHITE
+) -> Segmentation:
+    """Background / shadow / product masks of an H×W×3 uint8 image (see the module docstring)."""
+    from scipy import ndimage
+
+    h, w = rgb.shape[:2]
+    ring = _border_ring(h, w, max(1, min(h, w) // 100))
+    border = rgb[ring]
+    backdrop = tuple(int(v) for v in np.median(border, axis=0))
+    near = float(np.mean(border.min(axis=1) >= near_white))
+    diff = np.abs(rgb.astype(np.int16) - np.asarray(backdrop, dtype=np.int16)).max(axis=2)
+    background = _touching_border(diff <= tolerance)
+
+    # Contact shadow: grey, darker than the backdrop but not black, attached to the background.
+    lum = rgb.astype(np.float32).mean(axis=2)
+    chroma = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    backdrop_lum = float(np.mean(backdrop))
+    backdrop_chroma = max(backdrop) - min(backdrop)
+    greyish = (
+        ~background
+        & (chroma <= SHADOW_MAX_CHROMA + backdrop_chroma)
+        & (lum < backdrop_lum)
+        & (lum >= SHADOW_MIN_BRIGHTNESS * backdrop_lum)
+    )
+    labels, n = ndimage.label(greyish)
+    if n:
+        near_background = ndimage.binary_dilation(background)
+        index = np.arange(1, n + 1)
+        attached = np.zeros(n + 1, dtype=bool)
+        attached[np.unique(labels[near_background & greyish])] = True
+        light = np.zeros(n + 1, dtype=bool)
+        light[1:] = np.asarray(ndimage.mean(lum, labels, index)) >= SHADOW_MEAN_BRIGHTNESS * backdrop_lum
+        attached[0] = False
+        # Grey pixels hugging the product's own silhouette (an outline, a grey sole edge) are product.
+        core = ndimage.binary_fill_holes(~background & ~greyish)
+        hug = ndimage.binary_dilation(core, iterations=max(2, min(h, w) // 100))
+        shadow = (attached & light)[labels] & ~hug
+    else:
+        shadow = np.zeros_like(background)
+
+    product = ~(background | shadow)
+    labels, n = ndimage.label(product)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        specks = sizes < max(4, _SPECK_SHARE * h * w)
+        specks[0] = False
+        speck_mask = specks[labels]
+        background |= speck_mask
+        product &= ~speck_mask
+    sides = [
+        name
+        for name, line in (
+            ("top", product[0]),
+            ("bottom", product[-1]),
+            ("left", product[:, 0]),
+            ("right", product[:, -1]),
+        )
+        if line.any()
+    ]
+    return Segmentation(background, shadow, product, backdrop, near, sides)  # type: ignore[arg-type]
+
+
+@dataclass
+class Finished:
+    image: Image.Image | None  # None when refused
+    reasons: list[str] = field(default_factory=list)  # why it was refused
+    fill: float | None = None  # product bbox / frame, long side, in the finished image
+    upscale: float | None = None  # finished pixels per source pixel
+    backdrop: tuple[int, int, int] | None = None
+
+
+def _frame(
+    product: tuple[int, int, int, int], content: tuple[int, int, int, int], aspect: float, fill: float
+) -> tuple[int, int, int, int]:
+    """Integer (left, top, right, bottom), possibly outside the image, of the frame of ``aspect`` (w/h)
+    in which ``product`` fills ``fill`` of the limiting side, centred on it, enlarged to hold ``content``."""
+    pl, pt, pr, pb = product
+    cl, ct, cr, cb = content
+    bw, bh = pr - pl, pb - pt
+    fh = max(bh / fill, bw / (fill * aspect), cb - ct, (cr - cl) / aspect)
+    fw = fh * aspect
+    fw_i, fh_i = max(1, round(fw)), max(1, round(fh))
+    cx, cy = (pl + pr) / 2, (pt + pb) / 2
+    left, top = round(cx - fw_i / 2), round(cy - fh_i / 2)
+    # Keep all of the content (the product and a kept shadow) inside the frame.
+    left = min(max(left, cr - fw_i), cl)
+    top = min(max(top, cb - fh_i), ct)
+    return left, top, left + fw_i, top + fh_i
+
+
+def _place(src: Image.Image, box: tuple[int, int, int, int], fill: int | tuple[int, int, int]) -> Image.Image:
+    """``src`` cropped to ``box``; parts of the box outside ``src`` are ``fill`` (crop or pad in one)."""
+    from PIL import Image
+
+    left, top, right, bottom = box
+    canvas = Image.new(src.mode, (right - left, bottom - top), fill)
+    inner = (max(0, left), max(0, top), min(src.width, right), min(src.height, bottom))
+    if inner[0] < inner[2] and inner[1] < inner[3]:
+        canvas.paste(src.crop(inner), (inner[0] - left, inner[1] - top))
+    return canvas
+
+
+def finish(
+    image: Image.Image,
+    profile: MarketplaceProfile,
+    *,
+    shadow: ShadowMode = "keep",
+    tolerance: int = DEFAULT_TOLERANCE,
+    near_white: int = DEFAULT_NEAR_WHITE,
+) -> Finished:
+    """``image`` finished for ``profile`` (see the module docstring), or refused with the reasons."""
+    from PIL import Image
+
+    rgb = np.asarray(image.convert("RGB"))
+    seg = segment(rgb, tolerance=tolerance, near_white=near_white)
+    reasons = []
+    if min(seg.backdrop) < near_white or seg.border_near_white < 0.9:
+        reasons.append(
+            f"border not near-white (median border colour {seg.backdrop}, {seg.border_near_white:.0%} of "
+            f"border pixels have every channel ≥ {near_white})"
+        )
+    product_box = seg.bbox()
+    if product_box is None:
+        reasons.append("no product found (the image is all background)")
+    if seg.edge_sides:
+        reasons.append(f"product touches the {', '.join(seg.edge_sides)} edge of the frame")
+    if reasons:
+        return Finished(None, reasons, backdrop=seg.backdrop)
+    assert product_box is not None
+
+    colour = profile.background_rgb
+    whiten = seg.background | (seg.shadow if shadow == "remove" else np.zeros_like(seg.shadow))
+    snapped = rgb.copy()
+    snapped[whiten] = colour
+    content_mask = seg.product if shadow == "remove" else seg.product | seg.shadow
+    content_box = seg.bbox(content_mask) or product_box
+    aw, ah = profile.aspect_ratio
+    target_fill = (profile.fill_min + profile.fill_max) / 2
+    box = _frame(product_box, content_box, aw / ah, target_fill)
+
+    framed = _place(Image.fromarray(snapped), box, colour)
+    mask = _place(Image.fromarray(np.where(whiten, 255, 0).astype(np.uint8)), box, 255)
+    size = profile.target_size
+    out = framed.resize(size, Image.Resampling.LANCZOS)
+    # Pixels whose whole resampling neighbourhood was background are background: exactly the colour.
+    settled = np.asarray(mask.resize(size, Image.Resampling.BILINEAR)) == 255
+    pixels = np.array(out)
+    pixels[settled] = colour
+    scale = size[0] / framed.width
+    bw, bh = product_box[2] - product_box[0], product_box[3] - product_box[1]
+    fill = max(bw * scale / size[0], bh * (size[1] / framed.height) / size[1])
+    finished = Finished(Image.fromarray(pixels), [], round(fill, 4), round(scale, 4), seg.backdrop)
+    if not profile.fill_min <= fill <= profile.fill_max + 1e-6:
+        finished.image = None
+        finished.reasons.append(
+            f"product fills {fill:.2f} of the frame, outside {profile.fill_min:g}–{profile.fill_max:g} "
+            "(the kept shadow needs more room: try publish.shadow: remove)"
+        )
+    return finished
+
+
+def measure(image: Image.Image, *, tolerance: int = 0) -> tuple[float | None, Segmentation]:
+    """The product's fill (bbox / frame, long side) of a finished image, and its segmentation. A finished
+    background is exactly the profile's colour, hence no tolerance: a near-white shoe stays product."""
+    rgb = np.asarray(image.convert("RGB"))
+    seg = segment(rgb, tolerance=tolerance)
+    box = seg.bbox()
+    if box is None:
+        return None, seg
+    h, w = rgb.shape[:2]
+    return max((box[2] - box[0]) / w, (box[3] - box[1]) / h), seg
