@@ -5,16 +5,15 @@
    threshold, so a white sneaker on an off-white backdrop keeps every shoe pixel that differs from the
    backdrop by more than the tolerance, even where it is brighter than the backdrop. Specks (tiny
    islands) join the background. The contact shadow is the neutral (grey) region darker than the
-   backdrop, at least ``SHADOW_MIN_BRIGHTNESS`` of its brightness (``SHADOW_MEAN_BRIGHTNESS`` on
-   average), attached to the background and not hugging the product's silhouette (an outline or a grey
+   backdrop, at least ``SHADOW_MIN_BRIGHTNESS`` of its brightness, attached to the background and not hugging the product's silhouette (an outline or a grey
    sole edge stays product). A light-grey product part standing away from the shoe's body could still be
    taken for shadow, which is why ``publish.shadow`` defaults to ``keep``.
 2. **Refuse** what finishing cannot fix honestly: a border that is not near-white at all (a scene, not a
    studio shot), a product touching the frame's edge (it would be cut), no product at all.
 3. **Snap** the background (and the shadow with ``shadow="remove"``) to the profile's colour exactly.
 4. **Frame**: crop or pad (with the profile's colour) to the profile's aspect around the product's
-   bounding box so that the box fills the middle of the profile's fill range, centred; the kept shadow
-   always stays whole inside the frame. Then resample (Lanczos) to the profile's size and snap again
+   bounding box so that the box fills the middle of the profile's fill range, centred; a kept shadow
+   fades out before the frame's edge, so a wide shadow never shrinks the product below the range. Then resample (Lanczos) to the profile's size and snap again
    the pixels whose whole neighbourhood was background, so resampling leaves no off-white ripple.
 
 :func:`measure` runs step 1 on a finished file: the compliance checks use it to re-measure the fill.
@@ -35,9 +34,10 @@ if TYPE_CHECKING:
 ShadowMode = Literal["keep", "remove"]
 DEFAULT_TOLERANCE = 12  # largest channel difference from the backdrop still counted as backdrop
 DEFAULT_NEAR_WHITE = 200  # a border whose median darkest channel is below this is "not near-white at all"
-SHADOW_MIN_BRIGHTNESS = 0.45  # a shadow keeps at least this share of the backdrop's brightness
-SHADOW_MEAN_BRIGHTNESS = 0.7  # … and is light on average (a grey shoe is not a shadow)
+SHADOW_MIN_BRIGHTNESS = 0.6  # a shadow keeps at least this share of the backdrop's brightness (a dark
+# grey sole or a grey shoe does not)
 SHADOW_MAX_CHROMA = 18  # … and is grey: largest minus smallest channel at most this (plus the backdrop's)
+FINISHED_TOLERANCE = 2  # a finished background is exact; this only absorbs resampling and JPEG ripple
 _SPECK_SHARE = 2e-4  # islands smaller than this share of the image are noise, not product
 
 
@@ -108,16 +108,13 @@ def segment(
     labels, n = ndimage.label(greyish)
     if n:
         near_background = ndimage.binary_dilation(background)
-        index = np.arange(1, n + 1)
         attached = np.zeros(n + 1, dtype=bool)
         attached[np.unique(labels[near_background & greyish])] = True
-        light = np.zeros(n + 1, dtype=bool)
-        light[1:] = np.asarray(ndimage.mean(lum, labels, index)) >= SHADOW_MEAN_BRIGHTNESS * backdrop_lum
         attached[0] = False
         # Grey pixels hugging the product's own silhouette (an outline, a grey sole edge) are product.
         core = ndimage.binary_fill_holes(~background & ~greyish)
         hug = ndimage.binary_dilation(core, iterations=max(2, min(h, w) // 100))
-        shadow = (attached & light)[labels] & ~hug
+        shadow = attached[labels] & ~hug
     else:
         shadow = np.zeros_like(background)
 
@@ -152,22 +149,14 @@ class Finished:
     backdrop: tuple[int, int, int] | None = None
 
 
-def _frame(
-    product: tuple[int, int, int, int], content: tuple[int, int, int, int], aspect: float, fill: float
-) -> tuple[int, int, int, int]:
+def _frame(product: tuple[int, int, int, int], aspect: float, fill: float) -> tuple[int, int, int, int]:
     """Integer (left, top, right, bottom), possibly outside the image, of the frame of ``aspect`` (w/h)
-    in which ``product`` fills ``fill`` of the limiting side, centred on it, enlarged to hold ``content``."""
+    in which ``product`` fills ``fill`` of the limiting side, centred on it."""
     pl, pt, pr, pb = product
-    cl, ct, cr, cb = content
     bw, bh = pr - pl, pb - pt
-    fh = max(bh / fill, bw / (fill * aspect), cb - ct, (cr - cl) / aspect)
-    fw = fh * aspect
-    fw_i, fh_i = max(1, round(fw)), max(1, round(fh))
-    cx, cy = (pl + pr) / 2, (pt + pb) / 2
-    left, top = round(cx - fw_i / 2), round(cy - fh_i / 2)
-    # Keep all of the content (the product and a kept shadow) inside the frame.
-    left = min(max(left, cr - fw_i), cl)
-    top = min(max(top, cb - fh_i), ct)
+    fh = max(bh / fill, bw / (fill * aspect))
+    fw_i, fh_i = max(1, round(fh * aspect)), max(1, round(fh))
+    left, top = round((pl + pr - fw_i) / 2), round((pt + pb - fh_i) / 2)
     return left, top, left + fw_i, top + fh_i
 
 
@@ -215,12 +204,19 @@ def finish(
     whiten = seg.background | (seg.shadow if shadow == "remove" else np.zeros_like(seg.shadow))
     snapped = rgb.copy()
     snapped[whiten] = colour
-    content_mask = seg.product if shadow == "remove" else seg.product | seg.shadow
-    content_box = seg.bbox(content_mask) or product_box
     aw, ah = profile.aspect_ratio
     target_fill = (profile.fill_min + profile.fill_max) / 2
-    box = _frame(product_box, content_box, aw / ah, target_fill)
-
+    box = _frame(product_box, aw / ah, target_fill)
+    if shadow == "keep" and seg.shadow.any():
+        # The kept shadow fades out before the frame's edge (a wide shadow must not shrink the product).
+        left, top, right, bottom = box
+        ys, xs = np.nonzero(seg.shadow)
+        inside = np.minimum.reduce([xs - left, right - 1 - xs, ys - top, bottom - 1 - ys]).astype(np.float32)
+        ramp = max(2.0, 0.04 * (right - left))
+        weight = np.clip((inside - 0.25 * ramp) / ramp, 0.0, 1.0)[:, None]
+        target = np.asarray(colour, dtype=np.float32)
+        snapped[ys, xs] = np.round(target - (target - snapped[ys, xs]) * weight).astype(np.uint8)
+        whiten = whiten | (seg.shadow & np.all(snapped == np.asarray(colour, dtype=np.uint8), axis=2))
     framed = _place(Image.fromarray(snapped), box, colour)
     mask = _place(Image.fromarray(np.where(whiten, 255, 0).astype(np.uint8)), box, 255)
     size = profile.target_size
@@ -229,6 +225,12 @@ def finish(
     settled = np.asarray(mask.resize(size, Image.Resampling.BILINEAR)) == 255
     pixels = np.array(out)
     pixels[settled] = colour
+    # Resampling rings (a value or two off the colour) next to the product: snap what is that close to the
+    # colour and connected to the border, as measure() reads the finished file.
+    near = (
+        np.abs(pixels.astype(np.int16) - np.asarray(colour, dtype=np.int16)).max(axis=2) <= FINISHED_TOLERANCE
+    )
+    pixels[_touching_border(near)] = colour
     scale = size[0] / framed.width
     bw, bh = product_box[2] - product_box[0], product_box[3] - product_box[1]
     fill = max(bw * scale / size[0], bh * (size[1] / framed.height) / size[1])
@@ -236,15 +238,14 @@ def finish(
     if not profile.fill_min <= fill <= profile.fill_max + 1e-6:
         finished.image = None
         finished.reasons.append(
-            f"product fills {fill:.2f} of the frame, outside {profile.fill_min:g}–{profile.fill_max:g} "
-            "(the kept shadow needs more room: try publish.shadow: remove)"
+            f"product fills {fill:.2f} of the frame, outside {profile.fill_min:g}–{profile.fill_max:g}"
         )
     return finished
 
 
-def measure(image: Image.Image, *, tolerance: int = 0) -> tuple[float | None, Segmentation]:
+def measure(image: Image.Image, *, tolerance: int = FINISHED_TOLERANCE) -> tuple[float | None, Segmentation]:
     """The product's fill (bbox / frame, long side) of a finished image, and its segmentation. A finished
-    background is exactly the profile's colour, hence no tolerance: a near-white shoe stays product."""
+    background is exactly the profile's colour, hence the tiny tolerance: a near-white shoe stays product."""
     rgb = np.asarray(image.convert("RGB"))
     seg = segment(rgb, tolerance=tolerance)
     box = seg.bbox()

@@ -1,6 +1,7 @@
 """Product renders on the tiny model: reproducible seeds, incremental re-renders, the specs-sheet sensor,
 the CLI, and one materialisation of published_renders from a sheet with good and hostile rows."""
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ from PIL import Image
 from shoe_lora_pipeline.cli import main as cli_main
 from shoe_lora_pipeline.core import lora_io
 from shoe_lora_pipeline.core.config import load_config
+from shoe_lora_pipeline.core.marking import TRAINED_ALGORITHMIC_MEDIA, read_marking
 from shoe_lora_pipeline.core.models import tiny_sd_path
 from shoe_lora_pipeline.core.renders import (
     RenderSettings,
@@ -30,6 +32,7 @@ from shoe_lora_pipeline.core.renders import (
 )
 from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions, render_assets
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
+from shoe_lora_pipeline_tests.renders.test_marketplace import white_sneaker
 from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
 from shoe_lora_pipeline_tests.support.training import one_torch_thread
 
@@ -179,14 +182,40 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     assert meta["product_renders"]["rows_refused"].value == 8
     assert meta["product_renders"]["pipeline"].value == "final_pipeline"
 
-    # Published: exactly the good SKUs, count images each, with readable A1111 parameters and provenance.
+    # The random tiny model draws noise: every approved image is flagged for amazon_main (never written
+    # there), the compliance check fails and names each file and why; the manifest says the same.
     published = renders / "published"
-    assert sorted(p.name for p in published.iterdir() if p.is_dir()) == ["CS-1", "Ü-2"]
-    manifest = (published / "manifest.csv").read_text(encoding="utf-8").splitlines()
-    assert len(manifest) == 1 + 1 + 2
+    assert sorted(p.name for p in published.iterdir()) == ["amazon_main", "manifest.csv"]
+    manifest = list(csv.DictReader((published / "manifest.csv").open(encoding="utf-8")))
+    assert [r["sku"] for r in manifest] == ["CS-1", "Ü-2", "Ü-2"]
+    assert all(r["amazon_main"].startswith("flagged: border not near-white") for r in manifest)
+    assert all(r["hires"] == "128x128" for r in manifest)  # the hires pass ran on the approved ones only
+    assert len(list((renders / "hires").rglob("*.png"))) == 3
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "amazon_main_compliance" and not check.passed
+    assert (
+        check.metadata["files_failing"].value == 3
+        and "border not near-white" in check.metadata["failing"].value
+    )
+    assert not list((published / "amazon_main").rglob("*.jpg"))
+
+    # Candidates that are product photos (a drawn white shoe, as a real LoRA would make) publish, with
+    # hires off (the random model would turn them back into noise): readable A1111 parameters in EXIF,
+    # provenance in XMP, a passing check.
+    for png in (renders / "candidates").rglob("*.png"):
+        white_sneaker(64, (12, 26, 46, 44)).save(png)
+    no_hires = tmp_path / "no_hires.yaml"
+    no_hires.write_text(cfg_path.read_text().replace("renders:\n", "renders:\n  hires: {enabled: false}\n"))
+    publish_only = {**resources, "pipeline_config": PipelineConfigResource(config_path=str(no_hires))}
+    result = dg.materialize(render_assets("casual_shoes")[1:], resources=publish_only)
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata["failing"].value
+    jpgs = sorted((published / "amazon_main").rglob("*.jpg"))
+    assert [p.parent.name for p in jpgs] == ["CS-1", "Ü-2", "Ü-2"]
     lora_sha = lora_source(exported / "lora_weights", None).lora_sha256
-    for png in published.rglob("*.png"):
-        found = read_png_provenance(png)
+    for jpg in jpgs:
+        found = read_marking(jpg)
+        assert found["digital_source_type"] == TRAINED_ALGORITHMIC_MEDIA and found["c2pa"]["present"] is False
         params = parse_a1111_parameters(found["parameters"])
         assert params["Steps"] == "2" and params["Size"] == "64x64" and params["Sampler"] == "DPM++ 2M"
         assert params["Lora hashes"].startswith("casual_shoes_lora: ")
@@ -194,11 +223,9 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
         assert render_info["lora_sha256"] == lora_sha and render_info["dagster_run_id"] == result.run_id
         assert render_info["config_hash"] and str(render_info["seed"]) == params["Seed"]
         assert render_info["lora_provenance"]["dagster_run_id"] == "lora-run-1"
-    # `shoe-lora audit` reads a published PNG like any exported file.
-    assert (
-        lora_io.read_provenance(next(published.rglob("*.png")))["provenance"]["dagster_run_id"]
-        == "lora-run-1"
-    )
+    # `shoe-lora audit` / `lineage` read a published JPEG like any exported file.
+    assert lora_io.read_provenance(jpgs[0])["provenance"]["dagster_run_id"] == "lora-run-1"
+    assert (published / "amazon_main" / "SHA256SUMS").read_text().count("\n") == 3
 
     # Every refused row is named; nothing was written outside the renders folder; the sheet is untouched.
     rejected = (renders / "rejected_specs.csv").read_text(encoding="utf-8")
@@ -212,21 +239,25 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
         "duplicate sku: line 2",
     ):
         assert why in rejected, why
-    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and renders not in p.parents}
+    after = {
+        p: p.stat().st_mtime_ns
+        for p in tmp_path.rglob("*")
+        if p.is_file() and renders not in p.parents and p != no_hires
+    }
     assert after == before
     html = (renders / "contact_sheet.html").read_text(encoding="utf-8")
     assert "candidates/%C3%9C-2/" in html and "http" not in html  # images by relative path only
 
     # A reviewer rejects one published image: the next review + publish replaces it with the next best.
     reviews = renders / "reviews.csv"
-    first_cs1 = next((published / "CS-1").iterdir()).name
+    first_cs1 = next((published / "amazon_main" / "CS-1").iterdir()).stem + ".png"
     reviews.write_text(
         reviews.read_text(encoding="utf-8").replace(f"CS-1,{first_cs1},,", f"CS-1,{first_cs1},reject,bad"),
         encoding="utf-8",
     )
-    again = dg.materialize(render_assets("casual_shoes")[1:], resources=resources)
+    again = dg.materialize(render_assets("casual_shoes")[1:], resources=publish_only)
     assert again.success
-    assert [p.name for p in (published / "CS-1").iterdir()] != [first_cs1]
+    assert [p.stem for p in (published / "amazon_main" / "CS-1").iterdir()] != [first_cs1[:-4]]
     assert f"CS-1,{first_cs1},reject,bad" in reviews.read_text(encoding="utf-8")
 
 
@@ -253,11 +284,16 @@ def test_cli_render_one_sku(
         "1",
     ]
     with one_torch_thread():
-        assert cli_main(args) == 0
+        # The random tiny model draws noise: rendered, reviewed, hires-passed, then flagged for amazon_main.
+        assert cli_main(args) == 1
     line = capsys.readouterr().out.strip()
-    png = Path(line.split("\t")[0])
-    assert png.parent == tmp_path / "out" / "lora" / "renders" / "oneoff" / "ONE-1" / "published" / "ONE-1"
-    params = parse_a1111_parameters(read_png_provenance(png)["parameters"])
+    assert line.startswith("flagged: border not near-white") and "profile=amazon_main" in line
+    oneoff = tmp_path / "out" / "lora" / "renders" / "oneoff" / "ONE-1"
+    (hires,) = (oneoff / "hires" / "ONE-1").iterdir()
+    assert Image.open(hires).size == (128, 128)
+    params = parse_a1111_parameters(
+        read_png_provenance(next((oneoff / "candidates").rglob("*.png")))["parameters"]
+    )
     assert params["prompt"].startswith("A professional product photo of navy loafers on white background")
     assert cli_main([*args[:4], "../bad", *args[5:]]) == 2
 
