@@ -30,6 +30,9 @@ from shoe_lora_pipeline.core.renders import (
     render_sheet,
     spec_rules,
 )
+from shoe_lora_pipeline.core.renders import publish as publish_module
+from shoe_lora_pipeline.core.renders.hires import HiresPass, HiresSettings, img2img_from
+from shoe_lora_pipeline.core.renders.pnginfo import a1111_parameters
 from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions, render_assets
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
 from shoe_lora_pipeline_tests.renders.test_marketplace import white_sneaker
@@ -259,6 +262,92 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     assert again.success
     assert [p.stem for p in (published / "amazon_main" / "CS-1").iterdir()] != [first_cs1[:-4]]
     assert f"CS-1,{first_cs1},reject,bad" in reviews.read_text(encoding="utf-8")
+
+    # A truncated candidate: its SKU is flagged (named in the check), the other SKU still publishes.
+    published_before = sorted(p.name for p in (published / "amazon_main").rglob("*.jpg"))
+    cs1 = published / "amazon_main" / "CS-1"
+    broken = renders / "candidates" / "CS-1" / (next(cs1.iterdir()).stem + ".png")
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(good_bytes[:100])
+    flagged = dg.materialize(render_assets("casual_shoes")[2:], resources=publish_only)
+    (check,) = flagged.get_asset_check_evaluations()
+    assert not check.passed and "unreadable" in check.metadata["failing"].value
+    assert [p.parent.name for p in (published / "amazon_main").rglob("*.jpg")] == ["Ü-2", "Ü-2"]
+    assert broken.read_bytes() == good_bytes[:100]  # candidates are only read
+    broken.write_bytes(good_bytes)
+
+    # A failure in the middle of a publication leaves the previous profile folder as it was.
+    dg.materialize(render_assets("casual_shoes")[2:], resources=publish_only)
+    before_files = {p: p.read_bytes() for p in (published / "amazon_main").rglob("*") if p.is_file()}
+    assert sorted(p.name for p in before_files if p.suffix == ".jpg") == published_before
+    calls: list[int] = []
+
+    def dies_on_second(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_publish_image(*args, **kwargs)
+
+    real_publish_image = publish_module.publish_image
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(publish_module, "publish_image", dies_on_second)
+        failed = dg.materialize(
+            render_assets("casual_shoes")[2:], resources=publish_only, raise_on_error=False
+        )
+    assert not failed.success
+    after_files = {p: p.read_bytes() for p in (published / "amazon_main").rglob("*") if p.is_file()}
+    assert after_files == before_files
+    assert not [p for p in published.parent.iterdir() if p.name.startswith(".published")]
+    assert not [p for p in published.iterdir() if p.name.startswith(".")]
+
+
+def test_hires_pass_same_pipeline_same_seed_cached(tmp_path: Path, pipe: Any) -> None:
+    settings = HiresSettings(scale=2.0, denoise=0.35, steps=4, guidance_scale=7.5)
+    loads: list[int] = []
+
+    def loader() -> tuple[Any, list[str]]:
+        loads.append(1)
+        return pipe, []
+
+    base = white_sneaker(64, (12, 26, 46, 44))
+    args = ("S-1", "k" * 64, "000-abc.png", base, "white sneakers", "blurry", 7)
+    first = HiresPass(settings, tmp_path / "a", loader, log=lambda _: None)
+    with one_torch_thread():
+        a = first(*args)
+        b = HiresPass(settings, tmp_path / "b", loader, log=lambda _: None)(*args)
+        other_seed = HiresPass(settings, tmp_path / "c", loader, log=lambda _: None)(*args[:-1], 8)
+    assert a.size == (128, 128) and len(loads) == 3
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # same seed, same pixels
+    assert not np.array_equal(np.asarray(a), np.asarray(other_seed))
+    again = first(*args)  # cached: no pipeline, same pixels
+    assert len(loads) == 3 and first.reused == 1 and np.array_equal(np.asarray(again), np.asarray(a))
+    # The img2img pipeline shares the loaded components: no second copy of the weights.
+    img2img = img2img_from(pipe)
+    assert img2img.unet is pipe.unet and img2img.vae is pipe.vae and img2img.text_encoder is pipe.text_encoder
+    # A1111 records the pass with its own field names.
+    text = a1111_parameters(
+        prompt="p",
+        negative_prompt="n",
+        steps=25,
+        sampler="DPM++ 2M",
+        cfg_scale=7.5,
+        seed=7,
+        size=512,
+        model_hash=None,
+        model=None,
+        lora_name="casual_shoes_lora",
+        lora_hash="0123456789ab",
+        extra_fields=settings.a1111_fields(),
+    )
+    parsed = parse_a1111_parameters(text)
+    assert (parsed["Denoising strength"], parsed["Hires upscale"], parsed["Hires steps"]) == (
+        "0.35",
+        "2",
+        "4",
+    )
+    assert (
+        parsed["Hires upscaler"] == "Lanczos" and parsed["Lora hashes"] == "casual_shoes_lora: 0123456789ab"
+    )
 
 
 def test_cli_render_one_sku(
