@@ -143,7 +143,7 @@ def published_renders_asset(
         pool="gpu",
         code_version="2",
         check_specs=checks,
-        description="published/<profile>/<sku>/: each approved candidate, re-rendered by the hires pass "
+        description="published/PROFILE/SKU/: each approved candidate, re-rendered by the hires pass "
         "(renders.hires), finished for each publish.profiles marketplace profile (background snapped to pure "
         "white from the border, framed to the profile's aspect and fill, resampled to its size, sRGB ICC) and "
         "marked as AI-generated: XMP Iptc4xmpExt:DigitalSourceType trainedAlgorithmicMedia, the A1111 "
