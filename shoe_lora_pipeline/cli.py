@@ -454,7 +454,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
                 im.load()
                 image = im.convert("RGB")
             carried = read_marking(path)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             print(f"{path}\tflagged: unreadable image ({exc})")
             flagged += 1
             continue

@@ -222,22 +222,40 @@ def test_config_errors_before_anything_runs(tmp_path: Path, test_cert: marking.S
 
 
 def test_cli_publish_drawn_white_shoe_passes_every_profile(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = tmp_path / "in" / "white shoe.png"
     src.parent.mkdir()
     white_sneaker().save(src)
     corrupt = tmp_path / "in" / "broken.png"
     corrupt.write_bytes(src.read_bytes()[:300])
+    not_an_image = tmp_path / "in" / "notes.png"
+    not_an_image.write_text("<svg onload=alert(1)>", encoding="utf-8")
+    bomb = tmp_path / "in" / "bomb.png"
+    Image.new("1", (3000, 3000)).save(bomb)  # 9 MP: a decompression bomb under the limit set below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)
     before = {p: p.read_bytes() for p in src.parent.iterdir()}
     cfg = write_config(tmp_path, "publish: {profiles: [amazon_main, google_merchant, shopify]}\n")
     out = tmp_path / "out"
     rc = cli_main(
-        ["publish", str(src), str(corrupt), "--out", str(out), "--config", str(cfg), "--c2pa-test-cert"]
+        [
+            "publish",
+            str(src),
+            str(corrupt),
+            str(not_an_image),
+            str(bomb),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--c2pa-test-cert",
+        ]
     )
     printed = capsys.readouterr().out
     assert rc == 1  # the corrupt one is flagged; the good one published to all three
     assert "broken.png\tflagged: unreadable image" in printed
+    assert "notes.png\tflagged: unreadable image" in printed
+    assert "bomb.png\tflagged: unreadable image" in printed and "decompression bomb" in printed
     files = sorted(
         p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and ".c2pa-test" not in p.parts
     )

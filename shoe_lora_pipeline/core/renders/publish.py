@@ -287,7 +287,7 @@ def publish(
                     with Image.open(source) as im:
                         im.load()
                         image = im.convert("RGB")
-                except (OSError, UnidentifiedImageError) as exc:
+                except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
                     why = f"candidate {source} is unreadable ({exc})"
                     log(f"publish: {sku}: {why}; SKU flagged, the others publish")
                     for name in names:
