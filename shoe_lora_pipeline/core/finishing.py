@@ -181,6 +181,8 @@ def _place(src: Image.Image, box: tuple[int, int, int, int], fill: int | tuple[i
     from PIL import Image
 
     left, top, right, bottom = box
+    if left >= 0 and top >= 0 and right <= src.width and bottom <= src.height:
+        return src.crop(box)
     canvas = Image.new(src.mode, (right - left, bottom - top), fill)
     inner = (max(0, left), max(0, top), min(src.width, right), min(src.height, bottom))
     if inner[0] < inner[2] and inner[1] < inner[3]:
@@ -238,17 +240,32 @@ def finish(
     framed = _place(src, box, colour)
     size = profile.target_size
     out = framed.resize(size, Image.Resampling.LANCZOS)
-    # Pixels whose whole resampling neighbourhood was background are background: exactly the colour; so
-    # are resampling rings (a value or two off the colour) where any background was near, as measure()
-    # reads the finished file. (Pillow's C operations: this runs on every published pixel.)
-    weight_bg = _place(mask, box, 255).resize(size, Image.Resampling.BILINEAR)
-    settled = weight_bg.point(lambda v: 255 if v == 255 else 0)
-    touched = weight_bg.point(lambda v: 255 if v > 0 else 0)
-    r, g, b = ImageChops.difference(out, Image.new("RGB", size, colour)).split()
-    close = ImageChops.lighter(ImageChops.lighter(r, g), b).point(
-        lambda v: 255 if v <= FINISHED_TOLERANCE else 0
+    # Lanczos maps a constant neighbourhood to the same constant, so the background away from the product
+    # stays exactly the colour; next to the product it rings a value or two off. Snap those ringing pixels
+    # (within FINISHED_TOLERANCE of the colour where any background was near, as measure() reads the
+    # finished file), only in the output region around the product (Pillow's C operations).
+    sx, sy = size[0] / framed.width, size[1] / framed.height
+    margin = 4  # source pixels: Lanczos' reach is 3
+    region = (
+        max(0, int((product_box[0] - box[0] - margin) * sx)),
+        max(0, int((product_box[1] - box[1] - margin) * sy)),
+        min(size[0], int((product_box[2] - box[0] + margin) * sx) + 1),
+        min(size[1], int((product_box[3] - box[1] + margin) * sy) + 1),
     )
-    out.paste(colour, mask=ImageChops.lighter(settled, ImageChops.multiply(close, touched)))
+    sub = out.crop(region)
+    source_box = (region[0] / sx, region[1] / sy, region[2] / sx, region[3] / sy)
+    near_bg = (
+        _place(mask, box, 255)
+        .resize(sub.size, Image.Resampling.BILINEAR, box=source_box)
+        .point(lambda v: 255 if v > 0 else 0)
+    )
+    bands = [
+        band.point(lambda v, c=c: 255 if abs(v - c) <= FINISHED_TOLERANCE else 0)
+        for band, c in zip(sub.split(), colour, strict=True)
+    ]
+    close = ImageChops.multiply(ImageChops.multiply(bands[0], bands[1]), bands[2])  # all three: AND
+    sub.paste(colour, mask=ImageChops.multiply(close, near_bg))
+    out.paste(sub, region[:2])
     scale = size[0] / framed.width
     bw, bh = product_box[2] - product_box[0], product_box[3] - product_box[1]
     fill = max(bw * scale / size[0], bh * (size[1] / framed.height) / size[1])
