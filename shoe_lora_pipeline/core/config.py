@@ -389,6 +389,9 @@ class PublishConfig(_Strict):
     near_white: int = Field(
         200, ge=0, le=255, description="A border whose median darkest channel is below this is refused."
     )
+    max_upscale: float = Field(
+        6.0, ge=1.0, description="Refuse an image whose framed product needs more resampling than this."
+    )
     c2pa: C2paConfig | None = Field(
         None, description="Sign a C2PA manifest into every file; null = XMP only."
     )

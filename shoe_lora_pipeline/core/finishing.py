@@ -9,7 +9,8 @@
    sole edge stays product). A light-grey product part standing away from the shoe's body could still be
    taken for shadow, which is why ``publish.shadow`` defaults to ``keep``.
 2. **Refuse** what finishing cannot fix honestly: a border that is not near-white at all (a scene, not a
-   studio shot), a product touching the frame's edge (it would be cut), no product at all.
+   studio shot), a product touching the frame's edge (it would be cut), no product at all, and a product
+   so small that the profile's size needs more than ``max_upscale``× resampling.
 3. **Snap** the background (and the shadow with ``shadow="remove"``) to the profile's colour exactly.
 4. **Frame**: crop or pad (with the profile's colour) to the profile's aspect around the product's
    bounding box so that the box fills the middle of the profile's fill range, centred; a kept shadow
@@ -37,6 +38,7 @@ DEFAULT_NEAR_WHITE = 200  # a border whose median darkest channel is below this 
 SHADOW_MIN_BRIGHTNESS = 0.6  # a shadow keeps at least this share of the backdrop's brightness (a dark
 # grey sole or a grey shoe does not)
 SHADOW_MAX_CHROMA = 18  # … and is grey: largest minus smallest channel at most this (plus the backdrop's)
+DEFAULT_MAX_UPSCALE = 6.0  # beyond this, resampling invents the detail a zoomable image is for
 FINISHED_TOLERANCE = 2  # a finished background is exact; this only absorbs resampling and JPEG ripple
 _SPECK_SHARE = 2e-4  # islands smaller than this share of the image are noise, not product
 
@@ -197,6 +199,7 @@ def finish(
     shadow: ShadowMode = "keep",
     tolerance: int = DEFAULT_TOLERANCE,
     near_white: int = DEFAULT_NEAR_WHITE,
+    max_upscale: float = DEFAULT_MAX_UPSCALE,
 ) -> Finished:
     """``image`` finished for ``profile`` (see the module docstring), or refused with the reasons."""
     from PIL import Image, ImageChops
@@ -224,13 +227,24 @@ def finish(
     aw, ah = profile.aspect_ratio
     target_fill = (profile.fill_min + profile.fill_max) / 2
     box = _frame(product_box, aw / ah, target_fill)
+    upscale = profile.target_size[0] / (box[2] - box[0])
+    if upscale > max_upscale:
+        return Finished(
+            None,
+            [
+                f"needs {upscale:.1f}× upscaling to {profile.target_side} px (publish.max_upscale {max_upscale:g}): "
+                "render larger (renders.hires.scale, renders.resolution) rather than invent the detail"
+            ],
+            backdrop=seg.backdrop,
+        )
     if shadow == "keep" and seg.shadow.any():
         # The kept shadow fades out before the frame's edge (a wide shadow must not shrink the product).
         left, top, right, bottom = box
         ys, xs = np.nonzero(seg.shadow)
         inside = np.minimum.reduce([xs - left, right - 1 - xs, ys - top, bottom - 1 - ys]).astype(np.float32)
         ramp = max(2.0, 0.04 * (right - left))
-        weight = np.clip((inside - 0.25 * ramp) / ramp, 0.0, 1.0)
+        # Gone 4 source pixels before the edge: Lanczos reaches 3, so no shadow grey rings into the border.
+        weight = np.clip((inside - 4) / ramp, 0.0, 1.0)
         target = np.asarray(colour, dtype=np.float32)
         snapped[ys, xs] = np.round(target - (target - snapped[ys, xs]) * weight[:, None]).astype(np.uint8)
         whiten[ys[weight == 0], xs[weight == 0]] = True

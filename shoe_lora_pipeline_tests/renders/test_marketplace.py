@@ -24,7 +24,10 @@ SHOE_WHITE = (252, 252, 252)
 AMAZON = BUILTIN_PROFILES["amazon_main"]
 
 
-def white_sneaker(size: int = 512, box: tuple[int, int, int, int] = (120, 250, 300, 340)) -> Image.Image:
+SNEAKER_BOX = (240, 500, 600, 680)  # a third of the frame's width, left of centre
+
+
+def white_sneaker(size: int = 1024, box: tuple[int, int, int, int] = SNEAKER_BOX) -> Image.Image:
     """A white sneaker (brighter than the backdrop), grey outline and sole, small and off-centre, with a
     soft contact shadow, on an off-white backdrop."""
     img = Image.new("RGB", (size, size), OFF_WHITE)
@@ -73,7 +76,8 @@ def test_white_sneaker_on_off_white_keeps_its_shoe_pixels() -> None:
         assert profile.fill_min <= out.fill <= profile.fill_max
         # The shoe's white body (252, brighter than the backdrop) is still there, not snapped to 255.
         shoe = (np.abs(a.astype(int) - 252).max(axis=2) <= 1).sum()
-        expected = (180 - 6) * (90 - 6) * out.upscale**2 * 0.7  # the body minus outline, sole and laces
+        x0, y0, x1, y1 = SNEAKER_BOX
+        expected = (x1 - x0) * (y1 - y0) * out.upscale**2 * 0.6  # the body minus outline, sole and laces
         assert shoe > expected, (profile.name, shoe, expected)
     # A global threshold ("everything ≥ 235 is white") would have erased it; the mask grown from the
     # border does not. Same image, shadow kept: the grey shadow stays, the backdrop is white.
@@ -87,12 +91,14 @@ def test_white_sneaker_on_off_white_keeps_its_shoe_pixels() -> None:
 
 
 def test_finishing_refuses_what_it_cannot_fix() -> None:
-    touching = white_sneaker(box=(0, 250, 200, 340))
+    touching = white_sneaker(box=(0, 500, 400, 680))
     out = finishing.finish(touching, AMAZON)
     assert out.image is None and any("touches the left edge" in r for r in out.reasons)
     scene = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8))
     out = finishing.finish(scene, AMAZON)
     assert out.image is None and any("border not near-white" in r for r in out.reasons)
+    tiny = finishing.finish(white_sneaker(512, (200, 250, 260, 280)), AMAZON)
+    assert tiny.image is None and "upscaling to 2000 px (publish.max_upscale 6)" in tiny.reasons[0]
     blank = Image.new("RGB", (256, 256), OFF_WHITE)
     assert "no product found" in finishing.finish(blank, AMAZON).reasons[0]
 

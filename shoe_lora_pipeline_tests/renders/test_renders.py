@@ -206,7 +206,7 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     # hires off (the random model would turn them back into noise): readable A1111 parameters in EXIF,
     # provenance in XMP, a passing check.
     for png in (renders / "candidates").rglob("*.png"):
-        white_sneaker(64, (12, 26, 46, 44)).save(png)
+        white_sneaker(1024, (250, 450, 800, 700)).save(png)
     no_hires = tmp_path / "no_hires.yaml"
     no_hires.write_text(cfg_path.read_text().replace("renders:\n", "renders:\n  hires: {enabled: false}\n"))
     publish_only = {**resources, "pipeline_config": PipelineConfigResource(config_path=str(no_hires))}

@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoe_lora_pipeline.core.compliance import check_file
-from shoe_lora_pipeline.core.finishing import DEFAULT_NEAR_WHITE, DEFAULT_TOLERANCE, ShadowMode, finish
+from shoe_lora_pipeline.core.finishing import (
+    DEFAULT_MAX_UPSCALE,
+    DEFAULT_NEAR_WHITE,
+    DEFAULT_TOLERANCE,
+    ShadowMode,
+    finish,
+)
 from shoe_lora_pipeline.core.fsutil import atomic_directory, atomic_write_text, file_sha256
 from shoe_lora_pipeline.core.marketplace import MarketplaceProfile
 from shoe_lora_pipeline.core.marking import (
@@ -90,6 +96,7 @@ class PublishOptions:
     tolerance: int = DEFAULT_TOLERANCE
     near_white: int = DEFAULT_NEAR_WHITE
     credentials: SigningCredentials | None = None
+    max_upscale: float = DEFAULT_MAX_UPSCALE
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> PublishOptions:
@@ -101,7 +108,14 @@ class PublishOptions:
             if chain is None or key is None:
                 chain, key = make_test_certificate(cfg.c2pa_test_dir())
             credentials = SigningCredentials(chain, key, p.c2pa.algorithm, p.c2pa.timestamp_url)
-        return cls(tuple(p.resolved_profiles()), p.shadow, p.background_tolerance, p.near_white, credentials)
+        return cls(
+            tuple(p.resolved_profiles()),
+            p.shadow,
+            p.background_tolerance,
+            p.near_white,
+            credentials,
+            p.max_upscale,
+        )
 
 
 def package_version() -> str:
@@ -124,7 +138,12 @@ def publish_image(
     Returns (the reasons it was refused, empty when kept; facts such as the fill). ``waive`` drops
     required metadata the source cannot give (an outside image has no A1111 parameters)."""
     finished = finish(
-        image, profile, shadow=options.shadow, tolerance=options.tolerance, near_white=options.near_white
+        image,
+        profile,
+        shadow=options.shadow,
+        tolerance=options.tolerance,
+        near_white=options.near_white,
+        max_upscale=options.max_upscale,
     )
     facts: dict[str, Any] = {"fill": finished.fill, "upscale": finished.upscale}
     if finished.image is None:
