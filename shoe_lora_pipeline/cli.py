@@ -458,6 +458,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
             print(f"{path}\tflagged: unreadable image ({exc})")
             flagged += 1
             continue
+        if carried["icc"] and "srgb" not in carried["icc"].lower():
+            # Tagging its pixels sRGB would shift every colour; converting is the caller's choice.
+            print(
+                f"{path}\tflagged: embedded ICC profile {carried['icc']!r} is not sRGB (convert it to sRGB first)"
+            )
+            flagged += 1
+            continue
         render = carried["render"] if isinstance(carried["render"], dict) else {}
         render = {
             **render,

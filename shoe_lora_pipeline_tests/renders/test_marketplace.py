@@ -237,6 +237,10 @@ def test_cli_publish_drawn_white_shoe_passes_every_profile(
     corrupt.write_bytes(src.read_bytes()[:300])
     not_an_image = tmp_path / "in" / "notes.png"
     not_an_image.write_text("<svg onload=alert(1)>", encoding="utf-8")
+    lab = tmp_path / "in" / "lab.png"
+    from PIL import ImageCms
+
+    white_sneaker().save(lab, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes())
     bomb = tmp_path / "in" / "bomb.png"
     Image.new("1", (3000, 3000)).save(bomb)  # 9 MP: a decompression bomb under the limit set below
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)
@@ -250,6 +254,7 @@ def test_cli_publish_drawn_white_shoe_passes_every_profile(
             str(corrupt),
             str(not_an_image),
             str(bomb),
+            str(lab),
             "--out",
             str(out),
             "--config",
@@ -261,6 +266,7 @@ def test_cli_publish_drawn_white_shoe_passes_every_profile(
     assert rc == 1  # the corrupt one is flagged; the good one published to all three
     assert "broken.png\tflagged: unreadable image" in printed
     assert "notes.png\tflagged: unreadable image" in printed
+    assert "lab.png\tflagged: embedded ICC profile" in printed and "is not sRGB" in printed
     assert "bomb.png\tflagged: unreadable image" in printed and "decompression bomb" in printed
     files = sorted(
         p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and ".c2pa-test" not in p.parts
