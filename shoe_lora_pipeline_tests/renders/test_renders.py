@@ -321,6 +321,9 @@ def test_hires_pass_same_pipeline_same_seed_cached(tmp_path: Path, pipe: Any) ->
     assert not np.array_equal(np.asarray(a), np.asarray(other_seed))
     again = first(*args)  # cached: no pipeline, same pixels
     assert len(loads) == 3 and first.reused == 1 and np.array_equal(np.asarray(again), np.asarray(a))
+    # Another publication that no longer needs it prunes the cache.
+    later = HiresPass(settings, tmp_path / "a", loader, log=lambda _: None)
+    assert later.prune() == 1 and not list((tmp_path / "a").rglob("*.png"))
     # The img2img pipeline shares the loaded components: no second copy of the weights.
     img2img = img2img_from(pipe)
     assert img2img.unet is pipe.unet and img2img.vae is pipe.vae and img2img.text_encoder is pipe.text_encoder

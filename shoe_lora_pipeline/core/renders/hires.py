@@ -90,6 +90,7 @@ class HiresPass:
         self._img2img: Any = None
         self.generated = 0
         self.reused = 0
+        self.used: set[Path] = set()
 
     def path(self, sku: str, render_key: str, file: str) -> Path:
         return (
@@ -109,6 +110,7 @@ class HiresPass:
         from PIL import Image as PILImage
 
         target = self.path(sku, render_key, file)
+        self.used.add(target)
         if target.is_file():
             try:
                 with PILImage.open(target) as im:
@@ -137,3 +139,17 @@ class HiresPass:
         self.generated += 1
         self.log(f"hires: {sku}/{file} → {side}×{side} (denoise {self.settings.denoise:g})")
         return out
+
+    def prune(self) -> int:
+        """Remove cached hires images this publication did not use (withdrawn approvals, old settings)."""
+        removed = 0
+        if not self.cache_dir.is_dir():
+            return removed
+        for path in sorted(self.cache_dir.rglob("*.png")):
+            if path not in self.used:
+                path.unlink()
+                removed += 1
+        for folder in sorted(self.cache_dir.iterdir()):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return removed

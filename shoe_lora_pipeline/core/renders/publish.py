@@ -365,6 +365,7 @@ def publish(
     _write_manifest(result.rows, paths.manifest_csv, names)
     if hires is not None:
         result.hires_generated, result.hires_reused = hires.generated, hires.reused
+        hires.prune()
     for sku in result.skus_without_images:
         log(f"published: nothing approved for {sku!r} (see contact_sheet.html / reviews.csv)")
     for outcome in result.profiles.values():
