@@ -23,7 +23,7 @@ from shoe_lora_pipeline.core.markdown import one_line
 PROG = "shoe-lora"
 EXIT_OK = 0
 EXIT_ERROR = 2  # also what argparse uses for usage errors
-EXIT_NOTHING_PUBLISHED = 1  # render: it ran, but no candidate was approved
+EXIT_NOTHING_PUBLISHED = 1  # render / publish: it ran, but nothing (render) or not everything (publish) was published
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,8 @@ _RENDER_EPILOG = """\
 The same code as the `renders` assets (a one-row specs sheet: same validation, prompt template, seeds,
 QA ranking, approval rule and PNG provenance), without Dagster. Needs the category's exported LoRA
 (lora_weights; final_pipeline is used when it was fused from it). Writes only under --out, by default
-<training.output_dir>/renders/oneoff/<sku>/; published images are in its published/ folder.
+<training.output_dir>/renders/oneoff/<sku>/; published images are in its published/<profile>/ folders
+(hires pass, finishing, marking and checks as published_renders: see `shoe-lora publish`).
 
 example:
   shoe-lora render --sku CS-2001 --colour navy --type casual --characteristics lace-up --count 2
