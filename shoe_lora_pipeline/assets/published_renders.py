@@ -54,6 +54,8 @@ def _check_results(result: PublishResult) -> list[dg.AssetCheckResult]:
     out = []
     for name, outcome in result.profiles.items():
         failures = [{"file": f["file"], "why": "; ".join(f["reasons"])} for f in outcome.failures]
+        if not failures and not outcome.published:
+            failures = [{"file": "(none)", "why": "nothing approved to publish (see render_review)"}]
         out.append(
             dg.AssetCheckResult(
                 check_name=compliance_check_name(name),
@@ -62,7 +64,7 @@ def _check_results(result: PublishResult) -> list[dg.AssetCheckResult]:
                 description=outcome.profile.rules(),
                 metadata={
                     "files_published": len(outcome.published),
-                    "files_failing": len(failures),
+                    "files_failing": len(outcome.failures),
                     "failing": dg.MetadataValue.md(md_table(failures, ["file", "why"])),
                     "c2pa": "signed" if result.c2pa else "off (no publish.c2pa)",
                     "rules": outcome.profile.rules(),
