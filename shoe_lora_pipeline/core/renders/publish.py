@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,14 +179,20 @@ def publish_image(
             title=dest.name, mime_type=profile.mime_type, version=version, assertion=assertion
         )
         data = c2pa_sign(data, profile.mime_type, manifest, options.credentials)
+    # Checked as a hidden sibling (same extension: readers go by it), renamed into place only if it passes,
+    # so ``dest`` never holds a failing or half-written file.
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(data)
+    staged = dest.with_name(f".{dest.stem}.partial{dest.suffix}")
+    staged.write_bytes(data)
     relaxed = profile.model_copy(
         update={"required_metadata": tuple(r for r in profile.required_metadata if r not in waive)}
     )
-    problems = check_file(dest, relaxed, c2pa_on=options.credentials is not None)
-    if problems:
-        dest.unlink()
+    try:
+        problems = check_file(staged, relaxed, c2pa_on=options.credentials is not None)
+        if not problems:
+            os.replace(staged, dest)
+    finally:
+        staged.unlink(missing_ok=True)
     facts["bytes"] = len(data)
     return problems, facts
 
