@@ -31,7 +31,8 @@ class ProfileError(ValueError):
 class MarketplaceProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Also the asset check name (`<name>_compliance`) and a folder name: letters, digits, underscores.
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_]+$")
     min_side: int = Field(ge=1, description="Longest side at least this (pixels).")
     target_side: int = Field(ge=1, description="Longest side of the published file (pixels).")
     max_side: int = Field(ge=1, description="Longest side at most this (pixels).")

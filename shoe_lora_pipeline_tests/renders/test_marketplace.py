@@ -63,6 +63,8 @@ def test_profiles_are_data_overridable_key_by_key() -> None:
         resolve_profile("amazon")
     with pytest.raises(ProfileError, match="unknown key.*colour"):
         resolve_profile({"name": "amazon_main", "colour": "red"})
+    with pytest.raises(ProfileError, match="name = '../x'"):  # also a folder and an asset check name
+        resolve_profile({"name": "../x", "based_on": "shopify"})
     with pytest.raises(ProfileError, match="min_side ≤ target_side"):
         resolve_profile({"name": "amazon_main", "target_side": 500})
 
