@@ -23,7 +23,7 @@ from shoe_lora_pipeline.core.markdown import one_line
 PROG = "shoe-lora"
 EXIT_OK = 0
 EXIT_ERROR = 2  # also what argparse uses for usage errors
-EXIT_NOTHING_PUBLISHED = 1  # render: it ran, but no candidate was approved
+EXIT_NOTHING_PUBLISHED = 1  # render / publish: it ran, but nothing (render) or not everything (publish) was published
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
         "path",
         type=Path,
         help="an exported file (*.safetensors, README.md, provenance.json), the lora_weights folder, "
-        "the final_pipeline folder or a published product render (.png)",
+        "the final_pipeline folder or a published product render (.png or .jpg: also shows its XMP source "
+        "type, C2PA state and signer)",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     parser.epilog = "For the Dagster materialisations that fed the LoRA, see `shoe-lora lineage`."
@@ -268,7 +269,8 @@ _RENDER_EPILOG = """\
 The same code as the `renders` assets (a one-row specs sheet: same validation, prompt template, seeds,
 QA ranking, approval rule and PNG provenance), without Dagster. Needs the category's exported LoRA
 (lora_weights; final_pipeline is used when it was fused from it). Writes only under --out, by default
-<training.output_dir>/renders/oneoff/<sku>/; published images are in its published/ folder.
+<training.output_dir>/renders/oneoff/<sku>/; published images are in its published/<profile>/ folders
+(hires pass, finishing, marking and checks as published_renders: see `shoe-lora publish`).
 
 example:
   shoe-lora render --sku CS-2001 --colour navy --type casual --characteristics lace-up --count 2
@@ -320,6 +322,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         review_renders,
         spec_rules,
     )
+    from shoe_lora_pipeline.core.renders.hires import HiresPass, HiresSettings
+    from shoe_lora_pipeline.core.renders.publish import PublishOptions
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -361,7 +365,16 @@ def cmd_render(args: argparse.Namespace) -> int:
         review_renders(
             paths, auto_approve=cfg.renders.auto_approve, require_qa_pass=cfg.renders.require_qa_pass
         )
-        result = publish_renders(paths, config_hash=cfg.config_hash(), run_id=None, log=log)
+        settings = HiresSettings.from_config(cfg)
+        hires = HiresPass(settings, out / "hires", load, log=log) if settings else None
+        result = publish_renders(
+            paths,
+            options=PublishOptions.from_config(cfg),
+            config_hash=cfg.config_hash(),
+            run_id=None,
+            hires=hires,
+            log=log,
+        )
     except (
         ConfigError,
         DeviceError,
@@ -372,14 +385,137 @@ def cmd_render(args: argparse.Namespace) -> int:
     ) as exc:
         return _error("render", str(exc))
     for r in result.rows:
-        print(
-            f"{result.published_dir / r['file']}\tqa_score={r['qa_score']}\tqa_passed={str(r['qa_passed']).lower()}"
-        )
+        for name in result.profiles:
+            where = r[name]
+            shown = where if where.startswith("flagged: ") else str(result.published_dir / where)
+            print(f"{shown}\tprofile={name}\tqa_score={r['qa_score']}\tqa_passed={str(r['qa_passed']).lower()}")
     log(f"contact sheet: {paths.contact_sheet}")
-    if not result.rows:
-        log("nothing published: no candidate passed QA (see the contact sheet), or auto_approve is off")
+    if not any(o.published for o in result.profiles.values()):
+        log(
+            "nothing published: no candidate passed QA (see the contact sheet), auto_approve is off, or "
+            "every image failed its marketplace profile (the lines above say why)"
+        )
         return EXIT_NOTHING_PUBLISHED
     return EXIT_OK
+
+
+# -- publish -------------------------------------------------------------------------------------------
+
+_PUBLISH_EPILOG = """\
+The same finishing, marking and checks as published_renders, on given images: the background is snapped
+to pure white from the border, the image framed to the profile's aspect and fill and resampled to its
+size, and every file is marked as AI-generated (XMP Iptc4xmpExt:DigitalSourceType trainedAlgorithmicMedia,
+the A1111 parameters and JSON provenance the input carries, an sRGB ICC profile and, with publish.c2pa in
+the config or --c2pa-test-cert, a signed C2PA manifest). Writes DIR/<profile>/<image stem>.<jpg|png>; an
+image that fails a profile is not written there and the reason is printed. Inputs are only read.
+
+exit status: 0 every image published to every profile, 1 some were flagged, 2 error.
+
+example:
+  shoe-lora publish shoe.png --profile amazon_main --profile shopify --out published/
+"""
+
+
+def _publish_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _PUBLISH_EPILOG
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        dest="profiles",
+        metavar="NAME",
+        help="marketplace profile (repeatable; default: the config's publish.profiles); a name the config "
+        "overrides uses the config's keys",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--config", help="pipeline config (default: $SHOE_LORA_CONFIG or configs/demo.yaml)")
+    parser.add_argument("--shadow", choices=["keep", "remove"], help="default: the config's publish.shadow")
+    parser.add_argument(
+        "--c2pa-test-cert",
+        action="store_true",
+        help="sign C2PA manifests with a local test CA made under DIR/.c2pa-test (valid, not trusted)",
+    )
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Finish, mark and check IMAGEs for marketplace profiles."""
+    import dataclasses
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    from shoe_lora_pipeline.core.config import ConfigError, load_config
+    from shoe_lora_pipeline.core.marketplace import ProfileError, resolve_profile
+    from shoe_lora_pipeline.core.marking import (
+        MarkingError,
+        SigningCredentials,
+        make_test_certificate,
+        read_marking,
+    )
+    from shoe_lora_pipeline.core.provenance import utc_now_iso
+    from shoe_lora_pipeline.core.renders.publish import PublishOptions, publish_image
+
+    try:
+        cfg = load_config(args.config, check_paths=False)
+        options = PublishOptions.from_config(cfg)
+        if args.profiles:
+            configured = {p.name: p for p in options.profiles}
+            profiles = tuple(configured.get(n) or resolve_profile(n) for n in args.profiles)
+            options = dataclasses.replace(options, profiles=profiles)
+        if args.shadow:
+            options = dataclasses.replace(options, shadow=args.shadow)
+        if args.c2pa_test_cert:
+            chain, key = make_test_certificate(args.out / ".c2pa-test")
+            options = dataclasses.replace(options, credentials=SigningCredentials(chain, key, "es256"))
+    except (ConfigError, ProfileError, MarkingError) as exc:
+        return _error("publish", str(exc))
+    if options.credentials is None:
+        print(
+            "publish: C2PA signing is off (no publish.c2pa): files carry the XMP marking only",
+            file=sys.stderr,
+        )
+    flagged = 0
+    for path in args.images:
+        try:
+            data = path.read_bytes()
+            with Image.open(path) as im:
+                im.load()
+                image = im.convert("RGB")
+            carried = read_marking(path)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            print(f"{path}\tflagged: unreadable image ({exc})")
+            flagged += 1
+            continue
+        if carried["icc"] and "srgb" not in carried["icc"].lower():
+            # Tagging its pixels sRGB would shift every colour; converting is the caller's choice.
+            print(
+                f"{path}\tflagged: embedded ICC profile {carried['icc']!r} is not sRGB (convert it to sRGB first)"
+            )
+            flagged += 1
+            continue
+        render = carried["render"] if isinstance(carried["render"], dict) else {}
+        render = {
+            **render,
+            "source_file": path.name,
+            "source_sha256": hashlib.sha256(data).hexdigest(),
+            "published_with": "shoe-lora publish",
+            "published_at": utc_now_iso(),
+        }
+        waive = () if carried["parameters"] else ("a1111_parameters",)
+        for profile in options.profiles:
+            dest = args.out / profile.name / f"{path.stem}{profile.suffix}"
+            problems, facts = publish_image(
+                image, profile, dest, options, parameters=carried["parameters"], render=render, waive=waive
+            )
+            if problems:
+                flagged += 1
+                print(f"{path}\t{profile.name}\tflagged: {'; '.join(problems)}")
+            else:
+                print(f"{dest}\t{profile.name}\tfill={facts['fill']}\tbytes={facts['bytes']}")
+        if waive:
+            print(f"{path}: no A1111 parameters in the input: published without them", file=sys.stderr)
+    return EXIT_NOTHING_PUBLISHED if flagged else EXIT_OK
 
 
 # -- registry ------------------------------------------------------------------------------------------
@@ -394,6 +530,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         help="list the Dagster materialisations that fed a LoRA (by run id or exported file), in pipeline order",
         add_arguments=_lineage_arguments,
         run=cmd_lineage,
+    ),
+    "publish": Subcommand(
+        help="finish, mark as AI-generated and check images for marketplace profiles (Amazon, Google, Shopify)",
+        add_arguments=_publish_arguments,
+        run=cmd_publish,
     ),
     "render": Subcommand(
         help="render, QA-rank and publish product photos of one SKU with the category's LoRA",

@@ -51,7 +51,9 @@ def build_definitions(config_path: str | Path | None = None) -> dg.Definitions:
         a
         for name in cfg.category_names()
         if cfg.for_category(name).renders.specs_csv is not None
-        for a in render_assets(name, primary=name == first)
+        for a in render_assets(
+            name, primary=name == first, profiles=cfg.for_category(name).publish.resolved_profiles()
+        )
     ]
     resources = default_resources()
     if config_path is not None:

@@ -6,7 +6,7 @@ builds a category's chain from them (see :mod:`shoe_lora_pipeline.assets._catego
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import dagster as dg
 
@@ -25,6 +25,7 @@ from shoe_lora_pipeline.assets import (
     training_latents,
 )
 from shoe_lora_pipeline.assets._category import category_key, for_category
+from shoe_lora_pipeline.core.marketplace import MarketplaceProfile
 
 # The stages in pipeline order: raw photos → dataset → training → export → evaluation.
 STAGES: list[dg.AssetsDefinition] = [
@@ -72,9 +73,15 @@ def category_keys(category: str, primary: bool) -> list[dg.AssetKey]:
     return [category_key(stage.key, category, primary) for stage in STAGES]
 
 
-def render_assets(category: str, primary: bool = True) -> list[dg.AssetsDefinition]:
-    """One category's renders group (product_renders → render_review → published_renders)."""
-    return [for_category(stage, category, primary) for stage in RENDER_STAGES]
+def render_assets(
+    category: str, primary: bool = True, profiles: Sequence[MarketplaceProfile] | None = None
+) -> list[dg.AssetsDefinition]:
+    """One category's renders group (product_renders → render_review → published_renders); published_renders
+    has one compliance check per marketplace profile (default: publish.profiles' default)."""
+    stages = list(RENDER_STAGES)
+    if profiles is not None:
+        stages[-1] = published_renders.published_renders_asset(profiles)
+    return [for_category(stage, category, primary) for stage in stages]
 
 
 def render_keys(category: str, primary: bool) -> list[dg.AssetKey]:

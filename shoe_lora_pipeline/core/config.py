@@ -333,6 +333,89 @@ class EvaluationConfig(_Strict):
     thresholds: EvaluationThresholds = EvaluationThresholds()
 
 
+class HiresConfig(_Strict):
+    """A1111's "hires fix" for approved images only: an img2img pass of the same pipeline and LoRA at
+    ``scale`` × the render size, same seed, ``denoise`` strength (diffusers' img2img pipeline built from the
+    same components: no extra weights)."""
+
+    enabled: bool = Field(True, description="Re-render approved images at scale before publishing.")
+    scale: float = Field(2.0, ge=1.0, le=8.0, description="Hires size / render size.")
+    denoise: float = Field(0.35, gt=0.0, le=1.0, description="img2img strength (A1111 Denoising strength).")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="Sampler steps of the pass before strength; default renders.num_inference_steps.",
+    )
+
+
+class C2paConfig(_Strict):
+    """C2PA Content Credentials signing of every published file (c2pa-python)."""
+
+    cert_chain: Path | None = Field(None, description="PEM certificate chain, signing certificate first.")
+    private_key: Path | None = Field(None, description="PEM private key of the signing certificate.")
+    algorithm: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = "es256"
+    timestamp_url: str | None = Field(None, description="RFC 3161 time-stamp authority; none offline.")
+    test_certificate: bool = Field(
+        False,
+        description="Make a local test CA + signer under <training.output_dir>/c2pa-test when cert_chain and "
+        "private_key are not given: valid in structure, not trusted by any C2PA reader.",
+    )
+
+    @model_validator(mode="after")
+    def _credentials_usable(self) -> C2paConfig:
+        if (self.cert_chain is None) != (self.private_key is None):
+            raise ValueError(
+                "publish.c2pa needs both cert_chain and private_key (or neither, with test_certificate)"
+            )
+        if self.cert_chain is None and not self.test_certificate:
+            raise ValueError("publish.c2pa needs cert_chain and private_key, or test_certificate: true")
+        if self.cert_chain is not None and self.private_key is not None:
+            from shoe_lora_pipeline.core.marking import check_credentials
+
+            check_credentials(self.cert_chain, self.private_key, self.algorithm)
+        return self
+
+
+class PublishConfig(_Strict):
+    """published_renders: which marketplaces, how to finish, how to mark (see core.marketplace)."""
+
+    profiles: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["amazon_main"],
+        min_length=1,
+        description="Built-in names (amazon_main, google_merchant, shopify) or {name, [based_on,] keys…}.",
+    )
+    shadow: Literal["keep", "remove"] = Field("keep", description="The contact shadow under the product.")
+    background_tolerance: int = Field(
+        12, ge=0, le=128, description="Largest channel difference from the border colour counted as backdrop."
+    )
+    near_white: int = Field(
+        200, ge=0, le=255, description="A border whose median darkest channel is below this is refused."
+    )
+    max_upscale: float = Field(
+        6.0, ge=1.0, description="Refuse an image whose framed product needs more resampling than this."
+    )
+    c2pa: C2paConfig | None = Field(
+        None, description="Sign a C2PA manifest into every file; null = XMP only."
+    )
+
+    @field_validator("profiles")
+    @classmethod
+    def _known_profiles(cls, v: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        from shoe_lora_pipeline.core.marketplace import ProfileError, resolve_profiles
+
+        try:
+            resolve_profiles(v)
+        except ProfileError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def resolved_profiles(self) -> list[Any]:
+        """The :class:`~shoe_lora_pipeline.core.marketplace.MarketplaceProfile` of every entry."""
+        from shoe_lora_pipeline.core.marketplace import resolve_profiles
+
+        return resolve_profiles(self.profiles)
+
+
 RENDERS_NEGATIVE_PROMPT = "blurry, low quality, cropped, out of frame, multiple shoes, text, watermark, logo, busy background, shadow"
 
 
@@ -359,6 +442,7 @@ class RendersConfig(_Strict):
         "auto", description="auto: bf16 on CUDA, fp32 elsewhere."
     )
     compile: bool = Field(False, description="torch.compile the UNet on CUDA (pays back on large sheets).")
+    hires: HiresConfig = Field(default_factory=HiresConfig)
 
     @field_validator("resolution")
     @classmethod
@@ -435,6 +519,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     renders: RendersConfig = RendersConfig()
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     device: Literal["auto", "mps", "cuda", "cpu"] = "auto"
     source_path: Path | None = Field(None, exclude=True, description="The YAML file this came from.")
 
@@ -456,6 +541,23 @@ class PipelineConfig(_Strict):
                     )
                 outputs[folder] = name
         return self
+
+    @model_validator(mode="after")
+    def _hires_fits_profiles(self) -> PipelineConfig:
+        hires = self.renders.hires
+        if hires.enabled:
+            side = round((self.renders.resolution or self.dataset.resolution) * hires.scale)
+            for profile in self.publish.resolved_profiles():
+                if side > profile.max_side:
+                    raise ValueError(
+                        f"renders.hires.scale {hires.scale:g} makes {side} px images, above profile "
+                        f"{profile.name!r} max_side {profile.max_side}: lower the scale or the resolution"
+                    )
+        return self
+
+    def c2pa_test_dir(self) -> Path:
+        """Where ``publish.c2pa.test_certificate`` keeps its test CA and signer."""
+        return self.training.output_dir / "c2pa-test"
 
     def category_names(self) -> list[str]:
         """The product categories, the ``dataset:`` section's first."""
@@ -528,6 +630,7 @@ _PATH_FIELDS = {
     "evaluation": ("inception_weights", "clip_model_dir"),
     "renders": ("specs_csv",),
 }
+_C2PA_PATH_FIELDS = ("cert_chain", "private_key")
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -539,6 +642,9 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         sections += [
             (cat.get("renders"), ("specs_csv",)) for cat in categories.values() if isinstance(cat, dict)
         ]
+    publish = raw.get("publish")
+    if isinstance(publish, dict):
+        sections.append((publish.get("c2pa"), _C2PA_PATH_FIELDS))
     for sect, keys in sections:
         if not isinstance(sect, dict):
             continue

@@ -927,6 +927,8 @@ def _from_render_png(path: Path) -> dict[str, Any]:
         raise ProvenanceError(str(exc)) from None
     render = found["render"]
     if not isinstance(render, dict) or not isinstance(render.get("lora_provenance"), dict):
+        if _marking(path).get("digital_source_type"):  # published from outside (`shoe-lora publish`)
+            return _from_render_image(path)
         raise ProvenanceError(f"{path}: no shoe_lora_render provenance chunk in this PNG")
     extra = {
         k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema", "dagster_run_id"}
@@ -935,6 +937,7 @@ def _from_render_png(path: Path) -> dict[str, Any]:
     # published this image (the chunk's dagster_run_id): named apart.
     extra["publish_run_id"] = render.get("dagster_run_id")
     extra["parameters"] = found["parameters"]
+    extra["marking"] = _marking(path)
     qa = render.get("qa") if isinstance(render.get("qa"), dict) else {}
     # The verdict first (passed, score, failed), then each check's measurements.
     qa = {**{k: qa[k] for k in ("passed", "score", "failed") if k in qa}, **qa}
@@ -973,12 +976,65 @@ def _add_run_facts(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _marking(path: Path) -> dict[str, Any]:
+    """The AI-generated marking of a published image (core.marking): XMP source type, C2PA state, signer."""
+    from shoe_lora_pipeline.core.marking import read_marking
+
+    try:
+        m = read_marking(path)
+    except OSError:
+        return {}
+    c2pa = m["c2pa"]
+    return {
+        "digital_source_type": m["digital_source_type"],
+        "c2pa": (c2pa["validation_state"] or "invalid") if c2pa["present"] else c2pa.get("error") or "none",
+        "c2pa_status": c2pa.get("status"),
+        "c2pa_signer": c2pa["signer"],
+        "c2pa_issuer": c2pa["issuer"],
+        "c2pa_actions": [f"{a['action']} ({a['digitalSourceType']})" for a in c2pa.get("actions") or []],
+        "icc": m["icc"],
+    }
+
+
+def _from_render_image(path: Path) -> dict[str, Any]:
+    """A published JPEG (or an outside image published with ``shoe-lora publish``): the A1111 parameters
+    in EXIF UserComment / the PNG chunk, the JSON provenance in the XMP packet / PNG chunk."""
+    from shoe_lora_pipeline.core.marking import read_marking
+
+    try:
+        found = read_marking(path)
+    except OSError as exc:
+        raise ProvenanceError(f"{path}: not a readable image: {exc}") from None
+    render = found["render"]
+    if not isinstance(render, dict) and not found["digital_source_type"]:
+        raise ProvenanceError(f"{path}: no shoe_lora_render provenance and no AI marking in this image")
+    render = render if isinstance(render, dict) else {}
+    lora_provenance = render.get("lora_provenance")
+    extra = {
+        k: v for k, v in render.items() if k not in {"lora_provenance", "qa", "schema", "dagster_run_id"}
+    }
+    if render.get("dagster_run_id") is not None:
+        extra["publish_run_id"] = render["dagster_run_id"]
+    extra["parameters"] = found["parameters"]
+    extra["marking"] = _marking(path)
+    fmt = "render_jpeg" if found["format"] == "JPEG" else "render_png"
+    qa = render.get("qa") if isinstance(render.get("qa"), dict) else {}
+    qa = {**{k: qa[k] for k in ("passed", "score", "failed") if k in qa}, **qa}
+    return {
+        "format": fmt,
+        "lora": {},
+        "provenance": lora_provenance if isinstance(lora_provenance, dict) else {},
+        "qa": qa,
+        "extra": extra,
+    }
+
+
 def read_provenance(path: Path) -> dict[str, Any]:
     """Provenance and LoRA hyper-parameters stored in an exported file or folder.
 
     Accepts a ``.safetensors`` file (kohya, diffusers or PEFT export), ``adapter_config.json``,
     ``provenance.json``, ``README.md``, the ``lora_weights`` folder, a fused pipeline folder or a published
-    product render (``.png``).
+    product render (``.png`` or ``.jpg``, with its AI marking under ``extra.marking``).
     Returns ``{"path", "format", "lora", "provenance", "extra"}`` (a render also ``"qa"``: the product QA
     it was published with). Raises :class:`ProvenanceError` naming the path when there is none.
     """
@@ -1005,9 +1061,11 @@ def read_provenance(path: Path) -> dict[str, Any]:
         result = _add_run_facts(path, _from_model_card(path))
     elif suffix == ".png":
         result = _from_render_png(path)
+    elif suffix in (".jpg", ".jpeg"):
+        result = _from_render_image(path)
     else:
         raise ProvenanceError(
-            f"{path}: not an exported file (.safetensors, provenance.json, README.md or a render .png)"
+            f"{path}: not an exported file (.safetensors, provenance.json, README.md or a render .png/.jpg)"
         )
     lora = result["lora"]
     if lora.get("rank") and lora.get("alpha") is not None and "scale" not in lora:

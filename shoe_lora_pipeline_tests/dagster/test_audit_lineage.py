@@ -243,6 +243,31 @@ def test_lineage_from_an_exported_file(
     assert got["lora_asset"] == "formal_shoes/lora_weights" and got["run_id"] == history["runs"]["b"]
 
 
+def test_lineage_from_a_published_jpeg(
+    history: dict, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A marketplace JPEG carries the render provenance in its XMP: lineage follows it like a PNG."""
+    from PIL import Image
+
+    from shoe_lora_pipeline.core.marketplace import BUILTIN_PROFILES
+    from shoe_lora_pipeline.core.marking import encode_marked
+
+    lora_provenance = {"dagster_run_id": history["runs"]["b"], "dataset_name": "formal_shoes"}
+    jpg = tmp_path / "CS-1.jpg"
+    jpg.write_bytes(
+        encode_marked(
+            Image.new("RGB", (64, 64), "white"),
+            BUILTIN_PROFILES["amazon_main"],
+            parameters="shoe\nNegative prompt: \nSteps: 2",
+            render={"sku": "CS-1", "lora_provenance": lora_provenance},
+            creator_tool="test",
+        )
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(history["home"]))
+    (got,) = run_json(capsys, str(jpg))
+    assert got["lora_asset"] == "formal_shoes/lora_weights" and got["run_id"] == history["runs"]["b"]
+
+
 def test_table(history: dict, capsys: pytest.CaptureFixture) -> None:
     runs = history["runs"]
     args = [

@@ -1,6 +1,7 @@
 """Product renders on the tiny model: reproducible seeds, incremental re-renders, the specs-sheet sensor,
 the CLI, and one materialisation of published_renders from a sheet with good and hostile rows."""
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,7 @@ from PIL import Image
 from shoe_lora_pipeline.cli import main as cli_main
 from shoe_lora_pipeline.core import category_lock, lora_io
 from shoe_lora_pipeline.core.config import load_config
+from shoe_lora_pipeline.core.marking import TRAINED_ALGORITHMIC_MEDIA, read_marking
 from shoe_lora_pipeline.core.models import tiny_sd_path
 from shoe_lora_pipeline.core.renders import (
     RenderSettings,
@@ -28,8 +30,12 @@ from shoe_lora_pipeline.core.renders import (
     render_sheet,
     spec_rules,
 )
+from shoe_lora_pipeline.core.renders import publish as publish_module
+from shoe_lora_pipeline.core.renders.hires import HiresPass, HiresSettings, img2img_from
+from shoe_lora_pipeline.core.renders.pnginfo import a1111_parameters
 from shoe_lora_pipeline.definitions import RENDER_STAGE_NAMES, build_definitions, render_assets
 from shoe_lora_pipeline.resources import BaseModelResource, DeviceResource, PipelineConfigResource
+from shoe_lora_pipeline_tests.renders.test_marketplace import white_sneaker
 from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
 from shoe_lora_pipeline_tests.support.training import one_torch_thread
 
@@ -185,14 +191,40 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     assert meta["product_renders"]["rows_refused"].value == 8
     assert meta["product_renders"]["pipeline"].value == "final_pipeline"
 
-    # Published: exactly the good SKUs, count images each, with readable A1111 parameters and provenance.
+    # The random tiny model draws noise: every approved image is flagged for amazon_main (never written
+    # there), the compliance check fails and names each file and why; the manifest says the same.
     published = renders / "published"
-    assert sorted(p.name for p in published.iterdir() if p.is_dir()) == ["CS-1", "Ü-2"]
-    manifest = (published / "manifest.csv").read_text(encoding="utf-8").splitlines()
-    assert len(manifest) == 1 + 1 + 2
+    assert sorted(p.name for p in published.iterdir()) == ["amazon_main", "manifest.csv"]
+    manifest = list(csv.DictReader((published / "manifest.csv").open(encoding="utf-8")))
+    assert [r["sku"] for r in manifest] == ["CS-1", "Ü-2", "Ü-2"]
+    assert all(r["amazon_main"].startswith("flagged: border not near-white") for r in manifest)
+    assert all(r["hires"] == "128x128" for r in manifest)  # the hires pass ran on the approved ones only
+    assert len(list((renders / "hires").rglob("*.png"))) == 3
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "amazon_main_compliance" and not check.passed
+    assert (
+        check.metadata["files_failing"].value == 3
+        and "border not near-white" in check.metadata["failing"].value
+    )
+    assert not list((published / "amazon_main").rglob("*.jpg"))
+
+    # Candidates that are product photos (a drawn white shoe, as a real LoRA would make) publish, with
+    # hires off (the random model would turn them back into noise): readable A1111 parameters in EXIF,
+    # provenance in XMP, a passing check.
+    for png in (renders / "candidates").rglob("*.png"):
+        white_sneaker(1024, (250, 450, 800, 700)).save(png)
+    no_hires = tmp_path / "no_hires.yaml"
+    no_hires.write_text(cfg_path.read_text().replace("renders:\n", "renders:\n  hires: {enabled: false}\n"))
+    publish_only = {**resources, "pipeline_config": PipelineConfigResource(config_path=str(no_hires))}
+    result = dg.materialize(render_assets("casual_shoes")[1:], resources=publish_only)
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed, check.metadata["failing"].value
+    jpgs = sorted((published / "amazon_main").rglob("*.jpg"))
+    assert [p.parent.name for p in jpgs] == ["CS-1", "Ü-2", "Ü-2"]
     lora_sha = lora_source(exported / "lora_weights", None).lora_sha256
-    for png in published.rglob("*.png"):
-        found = read_png_provenance(png)
+    for jpg in jpgs:
+        found = read_marking(jpg)
+        assert found["digital_source_type"] == TRAINED_ALGORITHMIC_MEDIA and found["c2pa"]["present"] is False
         params = parse_a1111_parameters(found["parameters"])
         assert params["Steps"] == "2" and params["Size"] == "64x64" and params["Sampler"] == "DPM++ 2M"
         assert params["Lora hashes"].startswith("casual_shoes_lora: ")
@@ -200,11 +232,9 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
         assert render_info["lora_sha256"] == lora_sha and render_info["dagster_run_id"] == result.run_id
         assert render_info["config_hash"] and str(render_info["seed"]) == params["Seed"]
         assert render_info["lora_provenance"]["dagster_run_id"] == "lora-run-1"
-    # `shoe-lora audit` reads a published PNG like any exported file.
-    assert (
-        lora_io.read_provenance(next(published.rglob("*.png")))["provenance"]["dagster_run_id"]
-        == "lora-run-1"
-    )
+    # `shoe-lora audit` / `lineage` read a published JPEG like any exported file.
+    assert lora_io.read_provenance(jpgs[0])["provenance"]["dagster_run_id"] == "lora-run-1"
+    assert (published / "amazon_main" / "SHA256SUMS").read_text().count("\n") == 3
 
     # Every refused row is named; nothing was written outside the renders folder; the sheet is untouched.
     rejected = (renders / "rejected_specs.csv").read_text(encoding="utf-8")
@@ -218,7 +248,11 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
         "duplicate sku: line 2",
     ):
         assert why in rejected, why
-    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and renders not in p.parents}
+    after = {
+        p: p.stat().st_mtime_ns
+        for p in tmp_path.rglob("*")
+        if p.is_file() and renders not in p.parents and p != no_hires
+    }
     # ... but the category folder locks every step takes (core/category_lock.py).
     unlocked = lambda files: {p: t for p, t in files.items() if p.name not in category_lock.FILE_NAMES}  # noqa: E731
     assert unlocked(after) == unlocked(before)
@@ -242,28 +276,118 @@ def test_materialize_publishes_good_skus_only(tmp_path: Path, exported: Path, ti
     assert meta["published_renders"]["lora_sha256"].value == lora_sha
     table = meta["published_renders"]["published"].value
     assert "False" not in table and "True" not in table and ("| false |" in table or "| true |" in table)
-    shas = [line.split("|")[-2].strip() for line in table.splitlines()[2:]]
+    header = [c.strip() for c in table.splitlines()[0].split("|")]
+    shas = [line.split("|")[header.index("sha256")].strip() for line in table.splitlines()[2:]]
     assert shas and all(len(s) == 12 for s in shas)
     best = meta["product_renders"]["best_candidate"].value
-    first_sku = sorted(p.name for p in published.iterdir() if p.is_dir())[0]
+    first_sku = sorted(p.name for p in (published / "amazon_main").iterdir() if p.is_dir())[0]
     caption = best.split("![", 1)[0]
     assert first_sku in caption and ".png" in caption
 
     # A reviewer rejects one published image: the next review + publish replaces it with the next best.
     reviews = renders / "reviews.csv"
-    first_cs1 = next((published / "CS-1").iterdir()).name
+    first_cs1 = next((published / "amazon_main" / "CS-1").iterdir()).stem + ".png"
     reviews.write_text(
         reviews.read_text(encoding="utf-8").replace(f"CS-1,{first_cs1},,", f"CS-1,{first_cs1},reject,bad"),
         encoding="utf-8",
     )
     # published_renders alone (render_review not re-run) already leaves the rejected image out.
-    publish_only = dg.materialize(render_assets("casual_shoes")[2:], resources=resources)
-    assert publish_only.success and not (published / "CS-1").exists()
-    again = dg.materialize(render_assets("casual_shoes")[1:], resources=resources)
+    only = dg.materialize(render_assets("casual_shoes")[2:], resources=publish_only)
+    assert only.success and first_cs1[:-4] not in [p.stem for p in (published / "amazon_main" / "CS-1").glob("*")]
+    again = dg.materialize(render_assets("casual_shoes")[1:], resources=publish_only)
     assert again.success
-    assert [p.name for p in (published / "CS-1").iterdir()] != [first_cs1]
+    assert [p.stem for p in (published / "amazon_main" / "CS-1").iterdir()] != [first_cs1[:-4]]
     assert f"CS-1,{first_cs1},reject,bad" in reviews.read_text(encoding="utf-8")
     assert "note: bad" in (renders / "contact_sheet.html").read_text(encoding="utf-8")  # the reviewer's note
+
+    # A truncated candidate: its SKU is flagged (named in the check), the other SKU still publishes.
+    published_before = sorted(p.name for p in (published / "amazon_main").rglob("*.jpg"))
+    cs1 = published / "amazon_main" / "CS-1"
+    broken = renders / "candidates" / "CS-1" / (next(cs1.iterdir()).stem + ".png")
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(good_bytes[:100])
+    flagged = dg.materialize(render_assets("casual_shoes")[2:], resources=publish_only)
+    (check,) = flagged.get_asset_check_evaluations()
+    assert not check.passed and "unreadable" in check.metadata["failing"].value
+    assert [p.parent.name for p in (published / "amazon_main").rglob("*.jpg")] == ["Ü-2", "Ü-2"]
+    assert broken.read_bytes() == good_bytes[:100]  # candidates are only read
+    broken.write_bytes(good_bytes)
+
+    # A failure in the middle of a publication leaves the previous profile folder as it was.
+    dg.materialize(render_assets("casual_shoes")[2:], resources=publish_only)
+    before_files = {p: p.read_bytes() for p in (published / "amazon_main").rglob("*") if p.is_file()}
+    assert sorted(p.name for p in before_files if p.suffix == ".jpg") == published_before
+    calls: list[int] = []
+
+    def dies_on_second(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_publish_image(*args, **kwargs)
+
+    real_publish_image = publish_module.publish_image
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(publish_module, "publish_image", dies_on_second)
+        failed = dg.materialize(
+            render_assets("casual_shoes")[2:], resources=publish_only, raise_on_error=False
+        )
+    assert not failed.success
+    after_files = {p: p.read_bytes() for p in (published / "amazon_main").rglob("*") if p.is_file()}
+    assert after_files == before_files
+    assert not [p for p in published.parent.iterdir() if p.name.startswith(".published")]
+    assert not [p for p in published.iterdir() if p.name.startswith(".")]
+
+
+def test_hires_pass_same_pipeline_same_seed_cached(tmp_path: Path, pipe: Any) -> None:
+    settings = HiresSettings(scale=2.0, denoise=0.35, steps=4, guidance_scale=7.5)
+    loads: list[int] = []
+
+    def loader() -> tuple[Any, list[str]]:
+        loads.append(1)
+        return pipe, []
+
+    base = white_sneaker(64, (12, 26, 46, 44))
+    args = ("S-1", "k" * 64, "000-abc.png", base, "white sneakers", "blurry", 7)
+    first = HiresPass(settings, tmp_path / "a", loader, log=lambda _: None)
+    with one_torch_thread():
+        a = first(*args)
+        b = HiresPass(settings, tmp_path / "b", loader, log=lambda _: None)(*args)
+        other_seed = HiresPass(settings, tmp_path / "c", loader, log=lambda _: None)(*args[:-1], 8)
+    assert a.size == (128, 128) and len(loads) == 3
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # same seed, same pixels
+    assert not np.array_equal(np.asarray(a), np.asarray(other_seed))
+    again = first(*args)  # cached: no pipeline, same pixels
+    assert len(loads) == 3 and first.reused == 1 and np.array_equal(np.asarray(again), np.asarray(a))
+    # Another publication that no longer needs it prunes the cache.
+    later = HiresPass(settings, tmp_path / "a", loader, log=lambda _: None)
+    assert later.prune() == 1 and not list((tmp_path / "a").rglob("*.png"))
+    # The img2img pipeline shares the loaded components: no second copy of the weights.
+    img2img = img2img_from(pipe)
+    assert img2img.unet is pipe.unet and img2img.vae is pipe.vae and img2img.text_encoder is pipe.text_encoder
+    # A1111 records the pass with its own field names.
+    text = a1111_parameters(
+        prompt="p",
+        negative_prompt="n",
+        steps=25,
+        sampler="DPM++ 2M",
+        cfg_scale=7.5,
+        seed=7,
+        size=512,
+        model_hash=None,
+        model=None,
+        lora_name="casual_shoes_lora",
+        lora_hash="0123456789ab",
+        extra_fields=settings.a1111_fields(),
+    )
+    parsed = parse_a1111_parameters(text)
+    assert (parsed["Denoising strength"], parsed["Hires upscale"], parsed["Hires steps"]) == (
+        "0.35",
+        "2",
+        "4",
+    )
+    assert (
+        parsed["Hires upscaler"] == "Lanczos" and parsed["Lora hashes"] == "casual_shoes_lora: 0123456789ab"
+    )
 
 
 def test_cli_render_one_sku(
@@ -289,11 +413,16 @@ def test_cli_render_one_sku(
         "1",
     ]
     with one_torch_thread():
-        assert cli_main(args) == 0
+        # The random tiny model draws noise: rendered, reviewed, hires-passed, then flagged for amazon_main.
+        assert cli_main(args) == 1
     line = capsys.readouterr().out.strip()
-    png = Path(line.split("\t")[0])
-    assert png.parent == tmp_path / "out" / "lora" / "renders" / "oneoff" / "ONE-1" / "published" / "ONE-1"
-    params = parse_a1111_parameters(read_png_provenance(png)["parameters"])
+    assert line.startswith("flagged: border not near-white") and "profile=amazon_main" in line
+    oneoff = tmp_path / "out" / "lora" / "renders" / "oneoff" / "ONE-1"
+    (hires,) = (oneoff / "hires" / "ONE-1").iterdir()
+    assert Image.open(hires).size == (128, 128)
+    params = parse_a1111_parameters(
+        read_png_provenance(next((oneoff / "candidates").rglob("*.png")))["parameters"]
+    )
     assert params["prompt"].startswith("A professional product photo of navy loafers on white background")
     assert cli_main([*args[:4], "../bad", *args[5:]]) == 2
 

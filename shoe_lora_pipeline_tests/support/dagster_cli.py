@@ -1,21 +1,14 @@
-"""The command line that materialises assets as a user would, in one place (the ``dagster`` CLI today)."""
+"""The command line that materialises assets as a user would, in one place (``dg launch``; run it from the
+repository root, where ``[tool.dg]`` in pyproject.toml names the definitions)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from shoe_lora_pipeline_tests.support.dagster_server import dg_command
 
 
 def materialize_command(select: str, run_config: Path | None = None) -> list[str]:
-    """``dagster asset materialize`` of ``select`` from this project's definitions."""
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "asset",
-        "materialize",
-        "-m",
-        "shoe_lora_pipeline.definitions",
-    ]
-    command += ["--select", select]
+    """``dg launch --assets`` of ``select`` (it materialises in this process, like ``dagster asset materialize``)."""
+    command = dg_command("launch", "--assets", select)
     return [*command, "-c", str(run_config)] if run_config else command

@@ -1,4 +1,4 @@
-"""A real ``dagster asset materialize`` of ``lora_training`` (multiprocess executor: the step is a child of
+"""A real ``dg launch`` of ``lora_training`` (multiprocess executor: the step is a child of
 the run worker), in its own session, training until stopped:
 
 * while it trains, another run of the same category, on the same instance and on another instance, for the

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,10 @@ def a1111_parameters(
     lora_name: str,
     lora_hash: str,
     version: str | None = None,
+    extra_fields: Sequence[tuple[str, Any]] = (),
 ) -> str:
+    """``extra_fields`` (e.g. the hires pass's ``Denoising strength``, ``Hires upscale``, ``Hires steps``,
+    ``Hires upscaler``) go after the model, where A1111 writes them."""
     fields: list[tuple[str, Any]] = [
         ("Steps", steps),
         ("Sampler", sampler),
@@ -61,6 +64,7 @@ def a1111_parameters(
         fields.append(("Model hash", model_hash))
     if model:
         fields.append(("Model", model))
+    fields += list(extra_fields)
     fields.append(("Lora hashes", f"{lora_name}: {lora_hash}"))
     if version:
         fields.append(("Version", version))
