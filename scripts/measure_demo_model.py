@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--card", action="store_true", help="write the numbers into the model's README.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="tiny-shoes-qa-"))
@@ -87,7 +88,42 @@ def main(argv: list[str] | None = None) -> int:
     for pp in r["per_prompt"]:
         print(pp["prompt"][:60], {k: pp[k] for k in SHARES})
     print(f"images and qa.json in {out} ({r['seconds']} s)")
+    if args.card:
+        write_card_section(args.model / "README.md", r, " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
+
+
+CARD_HEADING = "## Measured with the project's QA"
+
+
+def write_card_section(readme: Path, r: dict[str, object], args: str) -> None:
+    """Replace the model card's measured section with these numbers."""
+    text = readme.read_text()
+    text = text.split(CARD_HEADING)[0].rstrip() + "\n\n"
+    s = r["settings"]
+    lines = [
+        CARD_HEADING,
+        "",
+        f"`python scripts/measure_demo_model.py {args}`: the four validation prompts x {s['seeds']} seeds, "
+        f"{s['steps']} PNDM steps, guidance {s['guidance']}, {s['resolution']} px, weight-free QA "
+        '(core/evaluation/qa.py). "Product shot" = a single centred shoe-shaped object that fills the frame '
+        "sensibly, in the prompt's colour, on any plain backdrop.",
+        "",
+        "| Prompt | Product shot | White background | Centred | Single object | Fill | Colour |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(v: object) -> str:
+        return "—" if v is None else f"{100 * float(v):.0f}%"
+
+    for pp in r["per_prompt"]:
+        lines.append(
+            f"| {pp['prompt']} | "
+            + " | ".join(pct(pp[k]) for k in SHARES[:5])
+            + f" | {pct(pp['colour_respected_share'])} |"
+        )
+    lines.append(f"| **all {r['images']} images** | " + " | ".join(f"**{pct(r[k])}**" for k in SHARES) + " |")
+    readme.write_text(text + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
