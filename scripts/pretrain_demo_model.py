@@ -12,8 +12,8 @@ with cross-attention. Training data comes from ``shoe_drawing.pretraining_shot``
 views, backdrops; captions in the recipe's template). Stages, all from one ``--seed``:
 
 1. draw the images (and a held-out validation set);
-2. train the VAE alone (L1 + 10 x squared-error reconstruction + a small KL term, random crops: it is
-   fully convolutional);
+2. train the VAE alone (L1 + 10 x squared error + 10 x squared error of 4x4-pooled colours + a small KL
+   term, random crops: it is fully convolutional);
    the latent scaling factor is then measured (1 / std of the latents), as SD's 0.18215 was;
 3. cache latents and text embeddings, and train the UNet with the DDPM epsilon objective, 10 % empty
    captions (so classifier-free guidance works) and an EMA of the weights. The text encoder stays as
@@ -191,7 +191,12 @@ def train_vae(vae: torch.nn.Module, images: torch.Tensor, args: argparse.Namespa
         l1 = (rec - x).abs().mean()
         # L1 alone settles on the median (a grey, colourless shoe: most pixels are backdrop); the squared
         # error weighs the few strongly coloured pixels enough to learn the colours in a short run.
-        loss = l1 + 10 * torch.nn.functional.mse_loss(rec, x) + 1e-6 * dist.kl().mean()
+        # The 4x4-pooled term weighs region colours (a shoe's upper, the backdrop) once more.
+        mse = torch.nn.functional.mse_loss(rec, x)
+        pooled = torch.nn.functional.mse_loss(
+            torch.nn.functional.avg_pool2d(rec, 4), torch.nn.functional.avg_pool2d(x, 4)
+        )
+        loss = l1 + 10 * mse + 10 * pooled + 1e-6 * dist.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
