@@ -8,6 +8,7 @@ the ``random.Random`` passed in, so a seed gives byte-identical images with the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -685,7 +686,11 @@ def padded_phash(img: Image.Image) -> int:
 
 
 def compose(
-    spec: ShoeSpec, size: tuple[int, int], rng: random.Random, taken: list[int] | None = None
+    spec: ShoeSpec,
+    size: tuple[int, int],
+    rng: random.Random,
+    taken: list[int] | None = None,
+    shadow: bool = True,
 ) -> Image.Image:
     """Render one product shot on a transparent canvas.
 
@@ -720,10 +725,110 @@ def compose(
             if score > best:
                 best, layout, chosen = score, cand, bits
         taken.append(chosen)
-    return place(arrange(shoe, spec, layout, length), size, layout)
+    return place(arrange(shoe, spec, layout, length), size, layout, shadow=shadow)
 
 
 def on_white(layer: Image.Image) -> Image.Image:
     bg = Image.new("RGBA", layer.size, (*WHITE, 255))
     bg.alpha_composite(layer)
     return bg.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining shots for the tiny-shoes demo base model: many colours, types, views, backgrounds
+# --------------------------------------------------------------------------------------------
+
+# Colours beyond the demo catalogue's nine, so the base model learns colour words as a family.
+PRETRAIN_SHADES: dict[str, list[RGB]] = {
+    **UPPER_SHADES,
+    "Tan": [(190, 140, 90), (178, 128, 80)],
+    "Yellow": [(226, 196, 48), (214, 184, 40)],
+    "Orange": [(230, 118, 34), (214, 104, 30)],
+    "Pink": [(232, 150, 178), (220, 136, 166)],
+    "Purple": [(110, 52, 130), (96, 44, 118)],
+}
+# Caption phrase per drawn article ("{colour} {phrase}" as in the recipe's validation prompts).
+TYPE_PHRASES: dict[str, tuple[str, ...]] = {
+    "Casual Shoes": ("casual shoes", "leather casual shoes"),
+    "Sneakers": ("casual sneakers", "sneakers"),
+    "Loafers": ("loafers", "leather loafers"),
+}
+# Backgrounds of the pretraining set: most are NOT white, so the base model's "on white background"
+# is unreliable (what the demo LoRA, trained on white-background photos, has to fix).
+BACKGROUND_KINDS = ("white", "light grey", "grey", "beige", "gradient", "dark")
+BACKGROUND_WEIGHTS = (0.25, 0.2, 0.15, 0.15, 0.17, 0.08)
+
+
+def background(rng: random.Random, size: tuple[int, int], kind: str) -> Image.Image:
+    """A studio backdrop: flat white/grey/beige, a vertical sweep gradient or a dark grey.
+
+    Every non-white kind keeps at least one channel below 235 everywhere, so none of them reads as
+    white to the product QA's near-white rule.
+    """
+    w, h = size
+    if kind == "white":
+        return Image.new("RGB", size, WHITE)
+    if kind == "light grey":
+        g = rng.randint(196, 222)
+        return Image.new("RGB", size, (g, g, min(255, g + rng.randint(0, 4))))
+    if kind == "grey":
+        g = rng.randint(130, 190)
+        return Image.new("RGB", size, (g, g, g + rng.randint(0, 6)))
+    if kind == "beige":
+        return Image.new("RGB", size, mix((236, 222, 196), (210, 190, 158), rng.random()))
+    if kind == "dark":
+        g = rng.randint(50, 90)
+        return Image.new("RGB", size, (g, g, g))
+    top = rng.choice([(250, 250, 250), (232, 226, 214), (224, 226, 230)])
+    bottom = rng.choice([(150, 152, 156), (196, 186, 166), (176, 178, 184)])
+    t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    col = np.asarray(top, np.float32) * (1 - t) + np.asarray(bottom, np.float32) * t
+    arr = np.broadcast_to(col, (h, w, 3)).round().astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+
+
+@dataclass(frozen=True)
+class PretrainShot:
+    image: Image.Image
+    caption: str
+    colour: str
+    article: str
+    background: str
+    shadow: bool
+
+
+def pretraining_shot(rng: random.Random, side: int) -> PretrainShot:
+    """One square product shot with its caption in the recipe's template (all randomness from ``rng``).
+
+    The caption always says "on white background" (the template's wording), whatever the backdrop.
+    """
+    colour = rng.choice(sorted(PRETRAIN_SHADES))
+    article = rng.choice(ARTICLES)
+    base = make_spec(rng, colour if colour in UPPER_SHADES else "Brown", article)
+    spec = dataclasses.replace(base, colour=colour, upper=rng.choice(PRETRAIN_SHADES[colour]))
+    if colour not in UPPER_SHADES:
+        spec = dataclasses.replace(
+            spec,
+            outline=mix(spec.upper, (0, 0, 0), 0.55),
+            panel=mix(spec.upper, (0, 0, 0), 0.12),
+            lace=mix(spec.upper, (0, 0, 0), 0.25),
+            stitch=mix(spec.upper, (0, 0, 0), 0.3),
+        )
+    kind = rng.choices(BACKGROUND_KINDS, BACKGROUND_WEIGHTS)[0]
+    shadow = rng.random() < 0.6
+    # Draw at 2x and downsample: the shoe's thin details survive as shading instead of aliasing.
+    big = (side * 2, side * 2)
+    layer = compose(spec, big, rng, shadow=shadow)
+    img = background(rng, big, kind).convert("RGBA")
+    img.alpha_composite(layer)
+    img = img.convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    phrase = rng.choice(TYPE_PHRASES[article])
+    view = "side view"
+    if rng.random() < 0.3:
+        view = rng.choice(["side view, facing left" if spec.facing_left else "side view, facing right",
+                           "single shoe, side view", "studio lighting, side view"])
+    caption = (
+        f"A professional product photo of {colour.lower()} {phrase} on white background, "
+        f"{view}, product photography"
+    )
+    return PretrainShot(img, caption, colour.lower(), article, kind, shadow)

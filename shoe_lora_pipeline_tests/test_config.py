@@ -25,7 +25,8 @@ training:
 
 def test_shipped_configs_validate() -> None:
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml", check_paths=False)
-    assert demo.training.base_model == "tiny-sd"
+    assert demo.training.base_model == "tiny-shoes"
+    assert demo.dataset.resolution == 128  # the resolution tiny-shoes was pretrained at
     sd15 = load_config(REPO_ROOT / "configs" / "casual_shoes_sd15.yaml", check_paths=False)
     t = sd15.training
     # The reference recipe, exactly.

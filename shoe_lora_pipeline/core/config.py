@@ -154,7 +154,11 @@ class K8sConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    base_model: str = Field("tiny-sd", description="'tiny-sd', a Hugging Face hub id, or a local folder.")
+    base_model: str = Field(
+        "tiny-sd",
+        description="'tiny-sd' (random, shapes only), 'tiny-shoes' (the committed demo model), a Hugging Face "
+        "hub id, or a local folder.",
+    )
     revision: str | None = Field(None, description="Hub revision (commit/tag) of base_model.")
     output_dir: Path
     # train_batch_size × gradient_accumulation_steps is the effective batch (images per optimizer step);

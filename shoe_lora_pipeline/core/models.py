@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 TINY_SD = "tiny-sd"
+# The pretrained demo base model (tiny-sd's classes and widths, trained on drawn shoes by
+# scripts/pretrain_demo_model.py); its weights are committed in the repository, never built at run time.
+TINY_SHOES = "tiny-shoes"
+TINY_SHOES_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / TINY_SHOES
 # Bump when the tiny model's architecture or init changes: it is part of the cache folder name and of
 # the base-model identity recorded in checkpoints and exported files.
 TINY_SD_VERSION = "2"
@@ -264,10 +268,66 @@ def _folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+# Weight files of a diffusers SD folder, one per trained component.
+WEIGHT_FILES = (
+    "text_encoder/model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+)
+
+
+def check_weight_files(folder: Path, what: str) -> dict[str, list[str]]:
+    """Tensor names per weight file of a committed model; a missing or unreadable file raises.
+
+    The committed demo model must never be replaced by freshly initialised weights: diffusers and
+    transformers initialise randomly whatever a file lacks, so the files are checked before loading.
+    """
+    from safetensors import safe_open
+
+    names: dict[str, list[str]] = {}
+    for rel in WEIGHT_FILES:
+        path = folder / rel
+        if not path.is_file():
+            raise BaseModelError(
+                f"{what}: weight file {path} is missing (a fresh clone has it: `git checkout -- {path}`; "
+                "or retrain with scripts/pretrain_demo_model.py --force)"
+            )
+        head = path.read_bytes()[:64]
+        if head.startswith(b"version https://git-lfs"):
+            raise BaseModelError(f"{what}: weight file {path} is a Git LFS pointer, not the weights")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names[rel] = list(f.keys())
+                for key in names[rel]:
+                    f.get_slice(key).get_shape()
+        except Exception as exc:  # safetensors raises its own SafetensorError and OSError for a bad file
+            raise BaseModelError(
+                f"{what}: weight file {path} is corrupt or truncated ({type(exc).__name__}: {exc})"
+            ) from None
+        if not names[rel]:
+            raise BaseModelError(f"{what}: weight file {path} holds no tensors")
+    return names
+
+
+def tiny_shoes_path(folder: Path | None = None) -> Path:
+    """Folder of the committed tiny-shoes model, its weight files checked (never a random fallback)."""
+    folder = folder or TINY_SHOES_DIR
+    what = f"base model {TINY_SHOES!r}"
+    if not (folder / "model_index.json").is_file():
+        raise BaseModelError(
+            f"{what}: {folder / 'model_index.json'} is missing; the model is committed under {folder} "
+            "(restore it with git, or rebuild it with scripts/pretrain_demo_model.py)"
+        )
+    check_weight_files(folder, what)
+    return folder
+
+
 def resolve_base_model(base_model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
     """Local folder holding the diffusers-layout base model (building tiny-sd or reading the hub cache)."""
     if base_model == TINY_SD:
         return tiny_sd_path(cache_dir)
+    if base_model == TINY_SHOES:
+        return tiny_shoes_path()
     candidate = Path(base_model).expanduser()
     if candidate.is_dir():
         if not (candidate / "model_index.json").exists() and not (candidate / "unet").is_dir():
@@ -307,6 +367,8 @@ def base_model_identity(base_model: str, folder: Path, revision: str | None = No
     ident: dict[str, Any] = {"base_model": base_model, "path": str(folder)}
     if base_model == TINY_SD:
         ident["revision"] = f"tiny-sd-v{TINY_SD_VERSION}"
+    elif base_model == TINY_SHOES:
+        ident["revision"] = "committed in data/models/tiny-shoes (see its training.json)"
     elif folder.parent.name == "snapshots":
         # Hub cache layout: .../models--org--name/snapshots/<commit>/
         ident["revision"] = folder.name
@@ -341,6 +403,8 @@ def load_base_model(
         raise BaseModelError(
             f"base model folder {folder} is incomplete or not in safetensors format: {exc}"
         ) from None
+    if base_model == TINY_SHOES:
+        _check_all_weights_loaded(folder, {"text_encoder": text_encoder, "vae": vae, "unet": unet})
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.eval()
@@ -352,6 +416,20 @@ def load_base_model(
         scheduler=scheduler,
         identity=base_model_identity(base_model, folder, revision),
     )
+
+
+def _check_all_weights_loaded(folder: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """Every parameter of a committed model must come from its file (a missing tensor would be random)."""
+    names = check_weight_files(folder, f"base model at {folder}")
+    for rel in WEIGHT_FILES:
+        component = rel.split("/")[0]
+        in_file = set(names[rel])
+        missing = [n for n, _ in modules[component].named_parameters() if n not in in_file]
+        if missing:
+            raise BaseModelError(
+                f"weight file {folder / rel} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}; "
+                "they would be randomly initialised"
+            )
 
 
 def lora_config(

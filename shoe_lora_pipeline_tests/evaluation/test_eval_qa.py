@@ -153,15 +153,15 @@ def test_run_qa_summary_shares_and_flags(tmp_path: Path) -> None:
     assert summary.n_images == 4
     assert summary.white_background_share == 0.75
     assert summary.centred_share == 0.75
-    # black, black pass; red-vs-blue fails; on a grey background the measured colour is swamped by the
-    # background (estimate_colour falls back to white as the reference), so it fails too.
-    assert summary.colour_respected_share == 0.5
+    # black, black pass; red-vs-blue fails; the blue shoe on a grey backdrop is measured against that
+    # backdrop (not against white), so its colour passes although its background fails.
+    assert summary.colour_respected_share == 0.75
     assert summary.n_colour_scored == 4
     assert summary.mode_collapse_prompts == [0]
     assert summary.min_diversity == 0.0
     assert {Path(m["image"]).name for m in summary.memorised} == {"prompt0_img0.png", "prompt0_img1.png"}
     pp = summary.per_prompt[1]
-    assert pp["prompt_colours"] == ["blue"] and pp["colour_respected_share"] == 0.0
+    assert pp["prompt_colours"] == ["blue"] and pp["colour_respected_share"] == 0.5
     d = summary.to_dict()
     assert d["images"][0]["white_background"]["passed"] is True
 

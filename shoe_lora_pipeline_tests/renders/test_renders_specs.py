@@ -167,7 +167,7 @@ renders: {specs_csv: sheets/shoes.csv, candidates_per_image: 3}
         load_config(cfg_file, overrides=["renders.resolution=100"])
     demo = load_config("configs/demo.yaml", check_paths=False)
     assert demo.renders.specs_csv is not None and demo.renders.specs_csv.is_file()
-    assert demo.renders.require_qa_pass is False
+    assert demo.renders.require_qa_pass is True  # tiny-shoes draws shoes: only QA-passing renders publish
 
 
 def test_a1111_parameters_round_trip() -> None:

@@ -5,25 +5,34 @@ the check cannot be assessed for that image (e.g. a prompt without a colour word
 out of that check's share. Definitions (all measured on a copy downscaled to at most ``ANALYSIS_SIDE`` px,
 so results do not depend on the generation resolution and JPEG/diffusion noise is averaged out):
 
-* **near-white** pixel: all three channels >= ``NEAR_WHITE_MIN`` (235). **Foreground** = not near-white.
-  One definition serves whiteness, centring, single-object and sharpness. Soft shadows lighter than 235 are
-  background; darker ones belong to the product (they touch it, so they do not add an object).
+* **near-white** pixel: all three channels >= ``NEAR_WHITE_MIN`` (235).
 * **white background**: share of near-white pixels in the outer ``BORDER_FRACTION`` (4 %) band of each
   edge; pass when >= ``WHITE_BORDER_MIN`` (0.90).
+* **backdrop**: a plane (per channel: a + b·x + c·y, so flat backdrops and sweep gradients both fit) fitted
+  to the border band by least squares. The backdrop is **plain** when the 80th percentile of the border
+  pixels' RGB distance from the plane is <= ``BACKDROP_RESIDUAL_MAX``; noise or clutter has no plain
+  backdrop, and then every geometric check below fails with that reason (a frame-filling "object" is not a
+  product shot). **Foreground** = pixels farther than ``FOREGROUND_DISTANCE`` from the fitted backdrop, so
+  a shoe on grey or beige is measured as well as one on white, and a flat image has no foreground.
 * **significant components**: 8-connected components of the foreground after a small closing (bridges
   gaps < ~1.5 % of the side, e.g. anti-aliased laces); a component is a *speck* and ignored when it is
   smaller than ``MIN_COMPONENT_FRACTION`` (0.2 %) of the frame or than ``MIN_COMPONENT_RELATIVE`` (5 %) of
-  the largest component.
+  the largest component. Contact shadows touch the shoe and join its component.
 * **centred**: bounding box of the significant components; offset = max(|dx|, |dy|) of its centre from the
   image centre, each as a fraction of that side; pass when <= ``CENTRE_OFFSET_MAX`` (0.10). No foreground
   fails with a reason (blank image, or a white product lost on white).
 * **single object**: exactly one significant component. A *pair* of shoes passes only when the two shoes
   touch or overlap (they are then one component); two separate shoes count as two objects.
+* **fill**: the product's bounding box, its longer side as a fraction of that image side; pass in
+  [``FILL_MIN``, ``FILL_MAX``] (0.3–0.95: a product neither lost in the frame nor cut by it). Its details
+  carry the box's aspect (width / height); a **shoe-shaped** object (side view) is wider than tall,
+  ``SHOE_ASPECT_RANGE`` (1.2–4).
 * **sharpness**: variance of the 3x3 Laplacian of the grey image over the foreground dilated by 2 px (so
   the silhouette edge counts); pass when >= ``SHARPNESS_MIN``. Informational, not in the checklist.
 * **colour adherence**: the colour word(s) of the prompt (the captions module's vocabulary; "white
-  background" phrases are removed first) vs the foreground colour measured by
-  :func:`captions.estimate_colour`. Pass when the measured palette name is one of the prompt's colours, or
+  background" phrases are removed first) vs the product's colour: the median of the significant
+  components' foreground pixels in the top 70 % of their box (the upper of a side view, not its sole or
+  contact shadow; any plain backdrop), else :func:`captions.estimate_colour`. Pass when the measured palette name is one of the prompt's colours, or
   the CIE76 ΔE from the foreground median to the nearest palette prototype of a prompt colour is <=
   ``COLOUR_DELTA_E_MAX`` (15). Colour words without palette prototypes map to the nearest palette names
   (``COLOUR_ALIASES``); words with none (multicolour, metallic) are not scored.
@@ -47,7 +56,7 @@ import numpy as np
 from PIL import Image
 
 from shoe_lora_pipeline.core import captions
-from shoe_lora_pipeline.core.colour import PALETTE_LAB, PALETTE_NAMES
+from shoe_lora_pipeline.core.colour import PALETTE_LAB, PALETTE_NAMES, nearest_colour_name
 from shoe_lora_pipeline.core.imagehash import hamming_to_set, pairwise_hamming, phash, phash_hex
 
 ANALYSIS_SIDE = 256
@@ -61,6 +70,12 @@ CLOSING_FRACTION = 0.015
 SHARPNESS_MIN = 100.0
 COLOUR_DELTA_E_MAX = 15.0
 MEMORISATION_MAX_DISTANCE = 4
+BACKDROP_RESIDUAL_MAX = 12.0
+BACKDROP_PERCENTILE = 80
+FOREGROUND_DISTANCE = 24.0
+FILL_MIN = 0.3
+FILL_MAX = 0.95
+SHOE_ASPECT_RANGE = (1.2, 4.0)
 
 # Caption colour words that have no prototype in captions.COLOUR_PALETTE -> the palette names they may
 # legitimately be measured as. Words absent here and from the palette (multicolour, metallic) are not scored.
@@ -146,10 +161,89 @@ def near_white_mask(arr: np.ndarray) -> np.ndarray:
     return np.all(arr >= NEAR_WHITE_MIN, axis=-1)
 
 
+@dataclass(frozen=True)
+class Backdrop:
+    """The fitted backdrop of an analysis copy: per-pixel colour, whether it is plain, and how plain."""
+
+    colour: np.ndarray  # (h, w, 3) float
+    plain: bool
+    residual: float  # BACKDROP_PERCENTILE-th percentile of the border's distance from the fit
+    median_rgb: list[int]
+
+    def reason(self) -> str:
+        return (
+            f"no plain backdrop: the border varies by {self.residual:.0f} RGB units around its best flat or "
+            f"gradient fit (limit {BACKDROP_RESIDUAL_MAX:.0f}): noise or clutter, not a product shot"
+        )
+
+
+def fit_backdrop(arr: np.ndarray) -> Backdrop:
+    """Least-squares plane per channel through the border band (see the module doc)."""
+    h, w = arr.shape[:2]
+    b = _border_band(h, w)
+    ring = np.ones((h, w), dtype=bool)
+    if h > 2 * b and w > 2 * b:
+        ring[b:-b, b:-b] = False
+    ys, xs = np.nonzero(ring)
+    design = np.stack([np.ones_like(xs), xs / w, ys / h], axis=1).astype(np.float64)
+    pixels = arr[ring].astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, pixels, rcond=None)
+    residual = float(np.percentile(np.linalg.norm(pixels - design @ coef, axis=1), BACKDROP_PERCENTILE))
+    gy, gx = np.mgrid[0:h, 0:w]
+    grid = np.stack([np.ones((h, w)), gx / w, gy / h], axis=-1)
+    return Backdrop(
+        colour=grid @ coef,
+        plain=residual <= BACKDROP_RESIDUAL_MAX,
+        residual=round(residual, 2),
+        median_rgb=[int(v) for v in np.median(pixels, axis=0)],
+    )
+
+
 def foreground_mask(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Product pixels (not near-white) of the analysis copy."""
+    """Product pixels of the analysis copy: farther than FOREGROUND_DISTANCE from the fitted backdrop.
+
+    Without a plain backdrop (noise, clutter) every pixel differs from it: the whole frame is returned,
+    and the geometric checks fail on :attr:`Backdrop.plain` before they look at it.
+    """
     arr = image if isinstance(image, np.ndarray) else _as_array(image)
-    return ~near_white_mask(arr)
+    backdrop = fit_backdrop(arr)
+    return np.linalg.norm(arr.astype(np.float64) - backdrop.colour, axis=-1) > FOREGROUND_DISTANCE
+
+
+@dataclass(frozen=True)
+class Product:
+    """The product as the geometric checks see it: backdrop, significant components, their pixels."""
+
+    backdrop: Backdrop
+    n_components: int
+    areas: list[int]
+    mask: np.ndarray  # foreground pixels of the significant components
+    shape: tuple[int, int]
+
+    def bbox(self) -> tuple[int, int, int, int]:
+        ys, xs = np.nonzero(self.mask)
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+    def failure(self) -> str | None:
+        """Why no geometric check can pass (None when there is a product to measure)."""
+        if not self.backdrop.plain:
+            return self.backdrop.reason()
+        if not self.n_components:
+            return "no foreground: blank image or a white product on white"
+        return None
+
+
+def find_product(image: Image.Image | np.ndarray) -> Product:
+    arr = image if isinstance(image, np.ndarray) else _as_array(image)
+    fg = foreground_mask(arr)
+    labels, keep, areas = significant_components(fg)
+    return Product(
+        backdrop=fit_backdrop(arr),
+        n_components=len(keep),
+        areas=areas,
+        mask=np.isin(labels, keep) & fg,
+        shape=fg.shape,
+    )
 
 
 def significant_components(mask: np.ndarray) -> tuple[np.ndarray, list[int], list[int]]:
@@ -198,14 +292,13 @@ def white_background(image: Image.Image) -> QAValue:
 
 def centring(image: Image.Image) -> QAValue:
     """Offset of the product's bounding-box centre from the image centre (fraction of the side)."""
-    arr = _as_array(image)
-    h, w = arr.shape[:2]
-    labels, keep, _ = significant_components(foreground_mask(arr))
-    if not keep:
-        return QAValue(None, False, {"reason": "no foreground: blank image or a white product on white"})
-    product = np.isin(labels, keep) & foreground_mask(arr)
-    ys, xs = np.nonzero(product)
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    product = find_product(image)
+    h, w = product.shape
+    failure = product.failure()
+    if failure:
+        return QAValue(None, False, {"reason": failure})
+    x0, y0, x1, y1 = product.bbox()
+    ys, xs = np.nonzero(product.mask)
     dx = ((x0 + x1) / 2 - w / 2) / w
     dy = ((y0 + y1) / 2 - h / 2) / h
     offset = max(abs(dx), abs(dy))
@@ -217,21 +310,44 @@ def centring(image: Image.Image) -> QAValue:
             "dy": round(dy, 4),
             "bbox_xyxy_fraction": [round(x0 / w, 4), round(y0 / h, 4), round(x1 / w, 4), round(y1 / h, 4)],
             "mass_centroid_fraction": [round(float(xs.mean()) / w, 4), round(float(ys.mean()) / h, 4)],
-            "foreground_fraction": round(float(product.mean()), 4),
+            "foreground_fraction": round(float(product.mask.mean()), 4),
             "threshold": CENTRE_OFFSET_MAX,
         },
     )
 
 
 def single_object(image: Image.Image) -> QAValue:
-    """Number of significant foreground components; pass when exactly one."""
-    arr = _as_array(image)
-    h, w = arr.shape[:2]
-    _, keep, areas = significant_components(foreground_mask(arr))
-    details: dict[str, Any] = {"component_area_fractions": [round(a / (h * w), 4) for a in areas]}
-    if not keep:
-        details["reason"] = "no foreground"
-    return QAValue(float(len(keep)), len(keep) == 1, details)
+    """Number of significant foreground components; pass when exactly one (on a plain backdrop)."""
+    product = find_product(image)
+    h, w = product.shape
+    details: dict[str, Any] = {"component_area_fractions": [round(a / (h * w), 4) for a in product.areas]}
+    failure = product.failure()
+    if failure:
+        details["reason"] = failure
+        return QAValue(float(product.n_components) if product.backdrop.plain else None, False, details)
+    return QAValue(float(product.n_components), product.n_components == 1, details)
+
+
+def fill(image: Image.Image) -> QAValue:
+    """How much of the frame the product spans: its box's longer side as a fraction of that image side."""
+    product = find_product(image)
+    h, w = product.shape
+    failure = product.failure()
+    if failure:
+        return QAValue(None, False, {"reason": failure})
+    x0, y0, x1, y1 = product.bbox()
+    value = max((x1 - x0) / w, (y1 - y0) / h)
+    aspect = (x1 - x0) / max(1, y1 - y0)
+    return QAValue(
+        round(value, 4),
+        FILL_MIN <= value <= FILL_MAX,
+        {
+            "range": [FILL_MIN, FILL_MAX],
+            "bbox_aspect": round(aspect, 3),
+            "shoe_shaped": SHOE_ASPECT_RANGE[0] <= aspect <= SHOE_ASPECT_RANGE[1],
+            "shoe_aspect_range": list(SHOE_ASPECT_RANGE),
+        },
+    )
 
 
 def sharpness(image: Image.Image) -> QAValue:
@@ -239,9 +355,11 @@ def sharpness(image: Image.Image) -> QAValue:
     from scipy import ndimage
 
     arr = _as_array(image)
-    fg = foreground_mask(arr)
-    if not fg.any():
-        return QAValue(None, False, {"reason": "no foreground"})
+    product = find_product(arr)
+    failure = product.failure()
+    if failure:
+        return QAValue(None, False, {"reason": failure})
+    fg = product.mask
     grey = np.asarray(Image.fromarray(arr).convert("L"), dtype=np.float64)
     lap = ndimage.laplace(grey)
     region = ndimage.binary_dilation(fg, iterations=2)
@@ -278,11 +396,31 @@ def _palette_names_for(colour: str) -> tuple[str, ...]:
     return COLOUR_ALIASES.get(colour, ())
 
 
+def _product_colour(image: Image.Image) -> tuple[str, dict[str, Any]]:
+    """(palette name, {median_rgb, confidence}) of the product's pixels on any plain backdrop.
+
+    Falls back to :func:`captions.estimate_colour` (which assumes white around the shoe) when there is no
+    product to measure, e.g. a white shoe lost on white.
+    """
+    product = find_product(image)
+    if product.failure():
+        return captions.estimate_colour(image)
+    arr = _as_array(image)
+    # The upper, not the sole or the contact shadow: the top 70 % of the product's box (side views).
+    x0, y0, x1, y1 = product.bbox()
+    upper = product.mask.copy()
+    upper[y0 + max(1, round(0.7 * (y1 - y0))) :] = False
+    median = np.median(arr[upper].astype(np.float64), axis=0)
+    name, delta, runner_up, runner_delta = nearest_colour_name(median)
+    confidence = "high" if runner_delta - delta > 5 else "low"
+    return name, {"median_rgb": [int(round(v)) for v in median], "confidence": confidence}
+
+
 def colour_adherence(image: Image.Image, prompt: str) -> QAValue:
     """ΔE76 between the product's median colour and the prompt colour; see the module doc for the rule."""
     wanted = prompt_colours(prompt)
     scorable = {c: _palette_names_for(c) for c in wanted if _palette_names_for(c)}
-    measured, est = captions.estimate_colour(image)
+    measured, est = _product_colour(image)
     details: dict[str, Any] = {
         "prompt_colours": wanted,
         "measured": measured,
@@ -375,15 +513,29 @@ class ImageQA:
     single_object: QAValue
     sharpness: QAValue
     colour: QAValue
+    fill: QAValue
     nearest_train: str | None = None
     nearest_train_distance: int | None = None
     memorised: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("white_background", "centring", "single_object", "sharpness", "colour"):
+        for key in ("white_background", "centring", "single_object", "sharpness", "colour", "fill"):
             d[key] = getattr(self, key).to_dict()
+        d["product_shot"] = self.product_shot
         return d
+
+    @property
+    def product_shot(self) -> bool:
+        """A single, centred, shoe-shaped object that fills the frame sensibly, in the prompt's colour
+        (colour not required when the prompt names none); the backdrop may be any plain one."""
+        return bool(
+            self.single_object.passed
+            and self.centring.passed
+            and self.fill.passed
+            and self.fill.details.get("shoe_shaped")
+            and self.colour.passed is not False
+        )
 
 
 def image_qa(
@@ -410,6 +562,7 @@ def image_qa(
         single_object=single_object(rgb),
         sharpness=sharpness(rgb),
         colour=colour_adherence(rgb, prompt),
+        fill=fill(rgb),
         nearest_train=nearest,
         nearest_train_distance=dist,
         memorised=dist is not None and dist <= MEMORISATION_MAX_DISTANCE,
@@ -431,6 +584,8 @@ class QASummary:
     single_object_share: float | None
     colour_respected_share: float | None
     n_colour_scored: int
+    fill_share: float | None
+    product_shot_share: float | None
     mean_sharpness: float | None
     min_diversity: float | None
     mode_collapse_prompts: list[int]
@@ -468,6 +623,8 @@ def qa_summary(images: Sequence[ImageQA], prompts: Sequence[str], diversity_min_
                 "white_background_share": _share([i.white_background.passed for i in mine]),
                 "centred_share": _share([i.centring.passed for i in mine]),
                 "single_object_share": _share([i.single_object.passed for i in mine]),
+                "fill_share": _share([i.fill.passed for i in mine]),
+                "product_shot_share": _share([i.product_shot for i in mine]),
                 "colour_respected_share": _share([i.colour.passed for i in mine]),
                 "measured_colours": [i.colour.details.get("measured") for i in mine],
                 "diversity_mean_hamming": div.value,
@@ -484,6 +641,8 @@ def qa_summary(images: Sequence[ImageQA], prompts: Sequence[str], diversity_min_
         single_object_share=_share([i.single_object.passed for i in images]),
         colour_respected_share=_share(colour_scored),
         n_colour_scored=len(colour_scored),
+        fill_share=_share([i.fill.passed for i in images]),
+        product_shot_share=_share([i.product_shot for i in images]),
         mean_sharpness=round(float(np.mean(sharp)), 2) if sharp else None,
         min_diversity=min(diversities) if diversities else None,
         mode_collapse_prompts=collapse,

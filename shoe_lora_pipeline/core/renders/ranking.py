@@ -1,12 +1,13 @@
 """Score and rank render candidates with the weight-free product QA of the evaluation stage.
 
-A candidate **passes** when it has a white background, a centred product, a single object and the spec's
+A candidate **passes** when it has a white background, a centred product, a single object that fills the
+frame sensibly (the QA's fill check) and the spec's
 colour (a colour word without palette prototypes, e.g. "multicolour", is not scored and does not fail).
 Sharpness is measured and adds to the score but gates nothing, as in the evaluation checklist.
 
 The **score** (0–1) is the mean of one sub-score per check, so candidates that fail can still be ordered:
-white border share; centring 1 at the centre falling to 0 at twice the allowed offset; single object 1 or
-0; sharpness relative to its threshold (capped at 1); colour 1 when it passes, else falling with ΔE76.
+white border share; centring 1 at the centre falling to 0 at twice the allowed offset; single object and
+fill 1 or 0; sharpness relative to its threshold (capped at 1); colour 1 when it passes, else falling with ΔE76.
 Ranking: passing first, then higher score, then lower candidate index (stable across re-runs).
 """
 
@@ -26,7 +27,7 @@ from shoe_lora_pipeline.core.evaluation.qa import (
 if TYPE_CHECKING:
     from PIL import Image
 
-GATING_CHECKS = ("white_background", "centring", "single_object", "colour")
+GATING_CHECKS = ("white_background", "centring", "single_object", "fill", "colour")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def score_candidate(image: Image.Image, colour: str) -> CandidateQA:
         if qa.centring.value is None
         else _clip01(1 - qa.centring.value / (2 * CENTRE_OFFSET_MAX)),
         "single_object": 1.0 if qa.single_object.passed else 0.0,
+        "fill": 1.0 if qa.fill.passed else 0.0,
         "sharpness": 0.0 if qa.sharpness.value is None else _clip01(qa.sharpness.value / SHARPNESS_MIN),
         "colour": None
         if qa.colour.passed is None
@@ -66,7 +68,7 @@ def score_candidate(image: Image.Image, colour: str) -> CandidateQA:
         else _clip01(1 - (qa.colour.value or 0.0) / (4 * COLOUR_DELTA_E_MAX)),
     }
     checks: dict[str, Any] = {}
-    for name in ("white_background", "centring", "single_object", "sharpness", "colour"):
+    for name in ("white_background", "centring", "single_object", "fill", "sharpness", "colour"):
         value = getattr(qa, name)
         checks[name] = {
             "value": value.value,
