@@ -296,6 +296,7 @@ def _render_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Render, QA-rank, auto-review and publish one SKU; prints the published files."""
+    import contextlib
     import csv
     import hashlib
     import io
@@ -328,6 +329,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    stack = contextlib.ExitStack()
     try:
         cfg = load_config(args.config, check_paths=False)
         cfg = cfg.for_category(args.category or cfg.dataset.name)
@@ -360,6 +362,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         holder = f"shoe-lora render (pid {os.getpid()})"
         folders = [cfg.dataset.output_dir, cfg.training.output_dir]
         category_lock.acquire_all(folders, holder, cfg.automation.category_lock_timeout_s)
+        # Released when the command ends (the kernel would too), also when it is called in-process.
+        stack.callback(category_lock.release_run, holder)
         render_sheet(sheet, out, RenderSettings.from_config(cfg), lora, load, log=log)
         paths = RenderPaths(out)
         review_renders(
@@ -384,6 +388,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         DiskFullError,
     ) as exc:
         return _error("render", str(exc))
+    finally:
+        stack.close()
     for r in result.rows:
         for name in result.profiles:
             where = r[name]

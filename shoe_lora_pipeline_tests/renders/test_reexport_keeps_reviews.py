@@ -75,9 +75,12 @@ def metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
 
 
 def published(renders: Path) -> dict[str, str]:
-    """sku/file → pixel hash of every published image."""
-    root = renders / "published"
-    return {p.relative_to(root).as_posix(): png_pixels_sha256(p) for p in sorted(root.rglob("*.png"))}
+    """sku/file → pixel hash of every candidate published (published/manifest.csv: one row per approved
+    candidate, whatever each marketplace profile then made of it; the random tiny model's noise fails the
+    profiles' white-border rule, so the profile folders themselves stay empty here)."""
+    with (renders / "published" / "manifest.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["file"]: png_pixels_sha256(renders / "candidates" / r["file"]) for r in rows}
 
 
 def review_rows(renders: Path) -> list[dict[str, str]]:
@@ -166,5 +169,5 @@ def test_reject_survives_a_no_op_reexport(tmp_path: Path, tiny_sd_cache: Path, u
         lora_dir.parent / "final_pipeline" / "unet" / "diffusion_pytorch_model.safetensors",
     ]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
-    for folder in (renders / "published", renders / "published" / "CS-1", lora_dir):
+    for folder in (renders / "published", renders / "published" / "amazon_main", lora_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
