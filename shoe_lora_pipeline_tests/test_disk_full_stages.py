@@ -55,3 +55,82 @@ def test_export_on_a_full_disk_keeps_the_previous_lora_weights(tmp_path, tiny_sd
     assert temporaries(tmp_path) == []
     assert sorted(load_file(first.kohya_weights))  # the previous set still loads
     assert lora_io.read_provenance(first.kohya_weights)
+
+
+# ------------------------------------------------------------------------------------------------
+# Renders and publishing: one render of the tiny LoRA (test_renders.py's fixtures), copied per test.
+# ------------------------------------------------------------------------------------------------
+
+from shoe_lora_pipeline_tests.renders.test_renders import GOOD, exported, pipe, project, render  # noqa: E402
+
+__all__ = ["exported", "pipe"]  # fixtures used by name
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, exported: Path, pipe: object) -> Path:
+    """A project whose renders/ holds the candidates of GOOD, approved automatically, with drawn white
+    shoes in place of the noise (so that they publish) and one published set."""
+    from shoe_lora_pipeline.core.renders.review import review_renders
+    from shoe_lora_pipeline.core.renders.store import RenderPaths
+    from shoe_lora_pipeline_tests.renders.test_marketplace import white_sneaker
+
+    root = tmp_path_factory.mktemp("rendered")
+    cfg = project(root, exported, GOOD)
+    renders = root / "out" / "lora" / "renders"
+    render(cfg, renders, lambda: (pipe, []))
+    for png in (renders / "candidates").rglob("*.png"):
+        white_sneaker(1024, (250, 450, 800, 700)).save(png)
+    paths = RenderPaths(renders)
+    review_renders(paths, auto_approve=True, require_qa_pass=False)
+    publish_once(paths)
+    assert list((paths.published_dir / "amazon_main").rglob("*.jpg"))
+    return root
+
+
+def publish_once(paths: object) -> object:
+    from shoe_lora_pipeline.core.marketplace import BUILTIN_PROFILES
+    from shoe_lora_pipeline.core.renders.publish import PublishOptions, publish_renders
+
+    options = PublishOptions((BUILTIN_PROFILES["amazon_main"],))
+    return publish_renders(paths, options=options, config_hash="c", run_id="r", log=lambda _: None)
+
+
+def copy_project(rendered: Path, tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(rendered, root)
+    return root, root / "out" / "lora" / "renders"
+
+
+def test_publishing_on_a_full_disk_keeps_the_previous_published_set(rendered, tmp_path, monkeypatch):
+    from shoe_lora_pipeline.core.renders.store import RenderPaths
+
+    _, renders = copy_project(rendered, tmp_path)
+    paths = RenderPaths(renders)
+    before = snapshot(paths.published_dir)
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:  # the staged marketplace file's write finds the disk full
+        return enospc() if ".partial" in self.name else real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DiskFullError) as err:
+        publish_once(paths)
+    assert_disk_full(err.value, paths.published_dir)
+    assert snapshot(paths.published_dir) == before
+    assert temporaries(renders) == [] and not list(renders.rglob("*.partial*"))
+
+
+def test_renders_on_a_full_disk_keep_the_previous_candidates(rendered, pipe, tmp_path, monkeypatch):
+    from PIL import Image
+
+    root, renders = copy_project(rendered, tmp_path)
+    before = snapshot(renders)
+    (root / "specs.csv").write_text(GOOD.replace("CS-1,black", "CS-1,brown"), encoding="utf-8")
+    monkeypatch.setattr(Image.Image, "save", enospc)  # the new candidate PNG's write finds the disk full
+    with pytest.raises(DiskFullError) as err:
+        render(root / "renders.yaml", renders, lambda: (pipe, []))
+    assert_disk_full(err.value, renders)
+    assert snapshot(renders) == before
+    assert temporaries(renders) == []
