@@ -134,3 +134,29 @@ def test_renders_on_a_full_disk_keep_the_previous_candidates(rendered, pipe, tmp
     assert_disk_full(err.value, renders)
     assert snapshot(renders) == before
     assert temporaries(renders) == []
+
+
+def test_validation_images_on_a_full_disk_keep_the_earlier_ones(load_components, tmp_path, monkeypatch):
+    import torch
+    from PIL import Image
+
+    from shoe_lora_pipeline.core.validation import encode_validation_prompts, run_validation
+
+    components = load_components()
+    prompts = encode_validation_prompts(components, ["a black casual shoe"], torch.device("cpu"))
+    out = tmp_path / "validation"
+
+    def validate(step: int) -> object:
+        return run_validation(
+            components.unet, components, prompts, out_dir=out, step=step, epoch=0, seed=1, num_images=1,
+            num_inference_steps=1, guidance_scale=1.0, resolution=32, device=torch.device("cpu"),
+        )  # fmt: skip
+
+    validate(1)
+    before = snapshot(out)
+    assert len(before) == 2  # one image and the grid
+    monkeypatch.setattr(Image.Image, "save", enospc)  # the next image's write finds the disk full
+    with pytest.raises(DiskFullError) as err:
+        validate(2)
+    assert_disk_full(err.value, out)
+    assert snapshot(out) == before and temporaries(out) == []
