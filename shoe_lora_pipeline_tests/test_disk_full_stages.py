@@ -160,3 +160,25 @@ def test_validation_images_on_a_full_disk_keep_the_earlier_ones(load_components,
         validate(2)
     assert_disk_full(err.value, out)
     assert snapshot(out) == before and temporaries(out) == []
+
+
+def test_latent_cache_on_a_full_disk_keeps_the_previous_shards(load_components, tmp_path, monkeypatch):
+    from shoe_lora_pipeline.core import latents
+    from shoe_lora_pipeline_tests.support.training import make_train_set
+
+    components = load_components()
+    cache = tmp_path / "latents"
+    latents.cache_latents(components, make_train_set(tmp_path / "a", n=2, resolution=64), cache, 64, 2, "cpu")
+    before = snapshot(cache)
+    # Two more images: a new shard to write, whose safetensors write finds the disk full.
+    monkeypatch.setattr(latents, "save_file", enospc)
+    with pytest.raises(DiskFullError) as err:
+        latents.cache_latents(
+            components, make_train_set(tmp_path / "b", n=4, resolution=64), cache, 64, 2, "cpu"
+        )
+    assert_disk_full(err.value, cache)
+    assert snapshot(cache) == before and temporaries(cache) == []
+    monkeypatch.undo()  # space freed: the cache completes and loads
+    report = latents.cache_latents(components, tmp_path / "b" / "train", cache, 64, 2, "cpu")
+    assert report.total == 4
+    assert len(latents.load_latent_dataset(cache, tmp_path / "b" / "train")) == 4
