@@ -5,6 +5,7 @@ in test_disk_full.py and training/test_disk_full.py."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from shoe_lora_pipeline.core import lora_io
 from shoe_lora_pipeline.core.fsutil import DiskFullError
 from shoe_lora_pipeline.core.models import tiny_sd_path
-from shoe_lora_pipeline_tests.support.disk import enospc
+from shoe_lora_pipeline_tests.support.disk import FILLER, enospc, fill, small_tmpfs
 from shoe_lora_pipeline_tests.support.export import make_training_checkpoint
 from shoe_lora_pipeline_tests.support.training import one_torch_thread
 
@@ -33,28 +34,46 @@ def assert_disk_full(err: DiskFullError, folder: Path) -> None:
     assert f"the disk is full writing in {folder} (" in str(err) and " free)" in str(err)
 
 
-def test_export_on_a_full_disk_keeps_the_previous_lora_weights(tmp_path, tiny_sd_cache, monkeypatch):
+@pytest.mark.parametrize("disk", ["injected", "tmpfs"])
+def test_export_on_a_full_disk_keeps_the_previous_lora_weights(disk, tmp_path, tiny_sd_cache, monkeypatch):
+    """Injected: the kohya file's safetensors write fails. tmpfs (root only): a real small disk left full,
+    where the first write that does not fit fails, as safetensors' own Rust error ("os error 28") too."""
     import safetensors.torch
     from safetensors.torch import load_file
 
     base = tiny_sd_path(tiny_sd_cache)
-    out = tmp_path / "lora_weights"
-    with one_torch_thread():
-        ckpt, _ = make_training_checkpoint(tmp_path, base, rank=4, alpha=4, step=4)
+    with contextlib.ExitStack() as stack:
+        folder = tmp_path / "disk"
+        if disk == "tmpfs":
+            stack.enter_context(small_tmpfs(folder, 2))
+        else:
+            folder.mkdir()
+        out = folder / "lora_weights"
+        stack.enter_context(one_torch_thread())
+        ckpt, _ = make_training_checkpoint(tmp_path / "train", base, rank=4, alpha=4, step=4)
         export = lambda: lora_io.export_lora(  # noqa: E731
-            ckpt, out, dataset_name="casual_shoes", provenance={"dagster_run_id": "r1"}
+            ckpt,
+            out,
+            dataset_name="casual_shoes",
+            provenance={"dagster_run_id": "r1"},
+            training_output_dir=tmp_path / "train",
         )
         first = export()
         before = snapshot(out)
-        # The kohya file's write (safetensors, the lowest call export makes) finds the disk full.
-        monkeypatch.setattr(safetensors.torch, "save_file", enospc)
+        if disk == "tmpfs":
+            fill(folder, leave=4096)
+        else:
+            monkeypatch.setattr(safetensors.torch, "save_file", enospc)
         with pytest.raises(DiskFullError) as err:
             export()
-    assert_disk_full(err.value, tmp_path)
-    assert snapshot(out) == before
-    assert temporaries(tmp_path) == []
-    assert sorted(load_file(first.kohya_weights))  # the previous set still loads
-    assert lora_io.read_provenance(first.kohya_weights)
+        assert_disk_full(err.value, folder)
+        assert snapshot(out) == before
+        assert temporaries(folder) == []
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            ["lora_weights", *[FILLER] * (disk == "tmpfs")]
+        )
+        assert sorted(load_file(first.kohya_weights))  # the previous set still loads
+        assert lora_io.read_provenance(first.kohya_weights)
 
 
 # ------------------------------------------------------------------------------------------------
