@@ -106,12 +106,14 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, exported: Path, pipe: obj
     return root
 
 
-def publish_once(paths: object) -> object:
+def publish_once(paths: object, version: str | None = None) -> object:
     from shoe_lora_pipeline.core.marketplace import BUILTIN_PROFILES
     from shoe_lora_pipeline.core.renders.publish import PublishOptions, publish_renders
 
     options = PublishOptions((BUILTIN_PROFILES["amazon_main"],))
-    return publish_renders(paths, options=options, config_hash="c", run_id="r", log=lambda _: None)
+    return publish_renders(
+        paths, options=options, config_hash="c", run_id="r", version=version, log=lambda _: None
+    )
 
 
 def copy_project(rendered: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -135,10 +137,29 @@ def test_publishing_on_a_full_disk_keeps_the_previous_published_set(rendered, tm
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(DiskFullError) as err:
-        publish_once(paths)
+        publish_once(paths, version="v2")  # other files than the published ones (their EXIF names it)
     assert_disk_full(err.value, paths.published_dir)
     assert snapshot(paths.published_dir) == before
     assert temporaries(renders) == [] and not list(renders.rglob("*.partial*"))
+
+
+def test_publishing_keeps_the_previous_set_when_the_manifest_does_not_fit(rendered, tmp_path, monkeypatch):
+    from shoe_lora_pipeline.core import fsutil
+    from shoe_lora_pipeline.core.renders.store import RenderPaths
+
+    _, renders = copy_project(rendered, tmp_path)
+    paths = RenderPaths(renders)
+    before = snapshot(paths.published_dir)
+    real = fsutil.fsync_file
+    monkeypatch.setattr(fsutil, "fsync_file", lambda p: enospc() if "manifest.csv" in p.name else real(p))
+    with pytest.raises(DiskFullError) as err:
+        publish_once(paths, version="v2")
+    assert_disk_full(err.value, paths.published_dir)
+    assert snapshot(paths.published_dir) == before  # the images and manifest.csv of one publish
+    assert temporaries(renders) == []
+    monkeypatch.undo()
+    publish_once(paths, version="v2")
+    assert snapshot(paths.published_dir) != before
 
 
 def test_renders_on_a_full_disk_keep_the_previous_candidates(rendered, pipe, tmp_path, monkeypatch):
