@@ -103,6 +103,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory, exported: Path, pipe: obj
     review_renders(paths, auto_approve=True, require_qa_pass=False)
     publish_once(paths)
     assert list((paths.published_dir / "amazon_main").rglob("*.jpg"))
+    assert list((paths.published_dir / "shopify").rglob("*.*"))
     return root
 
 
@@ -110,7 +111,7 @@ def publish_once(paths: object, version: str | None = None) -> object:
     from shoe_lora_pipeline.core.marketplace import BUILTIN_PROFILES
     from shoe_lora_pipeline.core.renders.publish import PublishOptions, publish_renders
 
-    options = PublishOptions((BUILTIN_PROFILES["amazon_main"],))
+    options = PublishOptions((BUILTIN_PROFILES["amazon_main"], BUILTIN_PROFILES["shopify"]))
     return publish_renders(
         paths, options=options, config_hash="c", run_id="r", version=version, log=lambda _: None
     )
@@ -132,8 +133,8 @@ def test_publishing_on_a_full_disk_keeps_the_previous_published_set(rendered, tm
     before = snapshot(paths.published_dir)
     real = Path.write_bytes
 
-    def full(self: Path, data: bytes) -> int:  # the staged marketplace file's write finds the disk full
-        return enospc() if ".partial" in self.name else real(self, data)
+    def full(self: Path, data: bytes) -> int:  # the second profile's staged file finds the disk full
+        return enospc() if ".partial" in self.name and "shopify" in str(self) else real(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(DiskFullError) as err:
