@@ -163,6 +163,25 @@ def test_publishing_keeps_the_previous_set_when_the_manifest_does_not_fit(render
     assert snapshot(paths.published_dir) != before
 
 
+def test_publishing_on_a_real_full_disk_keeps_the_previous_published_set(rendered, tmp_path):
+    """The renders folder on a small tmpfs (root only), left full: the first write that does not fit."""
+    import shutil
+
+    from shoe_lora_pipeline.core.renders.store import RenderPaths
+
+    with small_tmpfs(tmp_path / "disk", 64) as disk:
+        renders = disk / "renders"
+        shutil.copytree(rendered / "out" / "lora" / "renders", renders)
+        paths = RenderPaths(renders)
+        before = snapshot(paths.published_dir)
+        fill(disk, leave=4096)
+        with pytest.raises(DiskFullError) as err:
+            publish_once(paths, version="v2")
+        assert_disk_full(err.value, paths.published_dir)
+        assert snapshot(paths.published_dir) == before
+        assert temporaries(renders) == [] and not list(renders.rglob("*.partial*"))
+
+
 def test_renders_on_a_full_disk_keep_the_previous_candidates(rendered, pipe, tmp_path, monkeypatch):
     from PIL import Image
 
