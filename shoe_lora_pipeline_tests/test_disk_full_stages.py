@@ -1,6 +1,7 @@
-"""A full disk (an injected ``OSError(ENOSPC)`` at the lowest write each stage makes) in the later stages:
-export, renders, publishing. The step fails with a DiskFullError that names the folder; the previous
-output stays as it was and no temporary folder is left. Cleaning, captions, checkpoints and losses.csv are
+"""A full disk in the later stages: latents, validation images, export, renders, publishing; an injected
+``OSError(ENOSPC)`` at the lowest write each stage makes, and a real small tmpfs where the tests run as
+root. The step fails with a DiskFullError that names the folder; the previous output stays as it was and
+no temporary folder is left. Cleaning, captions, checkpoints and losses.csv are
 in test_disk_full.py and training/test_disk_full.py."""
 
 from __future__ import annotations
@@ -242,3 +243,21 @@ def test_latent_cache_on_a_full_disk_keeps_the_previous_shards(load_components, 
     report = latents.cache_latents(components, tmp_path / "b" / "train", cache, 64, 2, "cpu")
     assert report.total == 4
     assert len(latents.load_latent_dataset(cache, tmp_path / "b" / "train")) == 4
+
+
+def test_renders_on_a_real_full_disk_keep_the_previous_candidates(rendered, pipe, tmp_path):
+    """The renders folder on a small tmpfs (root only), left full while new candidates are drawn."""
+    import shutil
+
+    root, _ = copy_project(rendered, tmp_path)
+    with small_tmpfs(tmp_path / "disk", 64) as disk:
+        renders = disk / "renders"
+        shutil.copytree(root / "out" / "lora" / "renders", renders)
+        before = snapshot(renders)
+        (root / "specs.csv").write_text(GOOD.replace("CS-1,black", "CS-1,brown"), encoding="utf-8")
+        fill(disk, leave=4096)
+        with pytest.raises(DiskFullError) as err:
+            render(root / "renders.yaml", renders, lambda: (pipe, []))
+        assert_disk_full(err.value, renders)
+        assert snapshot(renders) == before
+        assert temporaries(renders) == []
