@@ -375,11 +375,13 @@ def publish(
                         outcome.published.append(f"{profile.name}/{rel}")
         for folder in folders.values():
             _sha256sums(folder)
+        # Before the profile folders replace the previous ones: a manifest that does not fit (full disk)
+        # leaves the previous set and its manifest.
+        _write_manifest(result.rows, paths.manifest_csv, names)
     keep = {*names, paths.manifest_csv.name}
     for stale in paths.published_dir.iterdir():  # old per-SKU folders, profiles no longer configured
         if stale.name not in keep and not stale.name.startswith("."):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    _write_manifest(result.rows, paths.manifest_csv, names)
     if hires is not None:
         result.hires_generated, result.hires_reused = hires.generated, hires.reused
         hires.prune()
