@@ -68,19 +68,7 @@ def say(msg: str) -> None:
 
 
 def build_pipeline(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Any:
-    from diffusers import StableDiffusionPipeline
-
-    c = random_sd15(args.tokenizer_dir, device, dtype, smoke=args.smoke)
-    pipe = StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=c.unet,
-        scheduler=c.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = random_sd15(args.tokenizer_dir, device, dtype, smoke=args.smoke).pipeline()
     set_sampler(pipe, "dpmpp_2m")
     pipe.set_progress_bar_config(disable=True)
     return pipe

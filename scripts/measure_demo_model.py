@@ -37,19 +37,7 @@ SHARES = (
 def measure(
     model: Path, seeds: int, steps: int, guidance: float, resolution: int, out: Path, seed: int = 0
 ) -> dict[str, object]:
-    from diffusers import StableDiffusionPipeline
-
-    c = load_base_model(str(model))
-    pipe = StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=c.unet,
-        scheduler=c.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = load_base_model(str(model)).pipeline()
     started = time.perf_counter()
     images = generate_images(
         pipe, VALIDATION_PROMPTS, seeds, seed, steps, guidance, resolution, resolution, out, "base"

@@ -24,7 +24,7 @@ import torch
 from shoe_lora_pipeline.core.fsutil import apply_umask_tree
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -153,6 +153,22 @@ class SDComponents:
         from diffusers import DDPMScheduler
 
         return DDPMScheduler.from_config(self.scheduler.config)
+
+    def pipeline(self, unet: torch.nn.Module | None = None) -> StableDiffusionPipeline:
+        """A text-to-image pipeline of these components (``unet`` instead of the base one, e.g. with a LoRA),
+        with a fresh copy of the scheduler: multistep schedulers (PNDM, DPM++) keep state between calls."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet if unet is not None else self.unet,
+            scheduler=type(self.scheduler).from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     @property
     def vae_scale_factor(self) -> int:

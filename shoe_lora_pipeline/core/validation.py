@@ -184,7 +184,6 @@ def run_validation(
     """
     import time
 
-    from diffusers import StableDiffusionPipeline
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -199,17 +198,7 @@ def run_validation(
         # fp32, which the half-precision VAE decoder would otherwise refuse.
         autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
         with preserved_rng(device), torch.no_grad(), on_device(components.vae, device), autocast:
-            pipe = StableDiffusionPipeline(
-                vae=components.vae,
-                text_encoder=components.text_encoder,
-                tokenizer=components.tokenizer,
-                unet=unet,
-                # A fresh copy: multistep schedulers (PNDM) keep state between calls.
-                scheduler=type(components.scheduler).from_config(components.scheduler.config),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            pipe = components.pipeline(unet)
             pipe.set_progress_bar_config(disable=True)
             for p in range(len(prompts.prompts)):
                 generators = [
