@@ -97,6 +97,8 @@ class MarketplaceProfile(BaseModel):
 
 
 _MB = 1_000_000
+# Every built-in profile asks for all three marks: the AI source type, the A1111 parameters, the provenance.
+EVERY_MARK = ("digital_source_type", "a1111_parameters", "provenance")
 BUILTIN_PROFILES: dict[str, MarketplaceProfile] = {
     "amazon_main": MarketplaceProfile(
         name="amazon_main",
@@ -107,7 +109,7 @@ BUILTIN_PROFILES: dict[str, MarketplaceProfile] = {
         fill_max=0.95,
         format="jpeg",
         max_bytes=10 * _MB,
-        required_metadata=("digital_source_type", "a1111_parameters", "provenance"),
+        required_metadata=EVERY_MARK,
     ),
     "google_merchant": MarketplaceProfile(
         name="google_merchant",
@@ -118,7 +120,7 @@ BUILTIN_PROFILES: dict[str, MarketplaceProfile] = {
         fill_max=0.90,
         format="jpeg",
         max_bytes=16 * _MB,
-        required_metadata=("digital_source_type", "a1111_parameters", "provenance"),
+        required_metadata=EVERY_MARK,
     ),
     "shopify": MarketplaceProfile(
         name="shopify",
@@ -129,7 +131,7 @@ BUILTIN_PROFILES: dict[str, MarketplaceProfile] = {
         fill_max=0.95,
         format="png",
         max_bytes=20 * _MB,
-        required_metadata=("digital_source_type", "a1111_parameters", "provenance"),
+        required_metadata=EVERY_MARK,
     ),
 }
 
