@@ -524,6 +524,40 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_NOTHING_PUBLISHED if flagged else EXIT_OK
 
 
+# -- studio --------------------------------------------------------------------------------------------
+
+
+def _studio_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline config (default: $SHOE_LORA_CONFIG or configs/demo.yaml)")
+    parser.add_argument("--category", help="product category (default: the config's first)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    parser.add_argument(
+        "--dagster-url", default="http://127.0.0.1:3000", help="the Dagster webserver that runs renders and publishing"
+    )
+    parser.add_argument(
+        "--token",
+        help="access token, required for any --host but loopback (default: $SHOE_LORA_STUDIO_TOKEN); "
+        "open the printed address once, the browser keeps it in a cookie",
+    )
+    parser.epilog = (
+        "Reads the same config and writes the same files (the specs sheet, reviews.csv) as the renders "
+        "assets; Render and Publish launch them through the Dagster webserver's GraphQL API."
+    )
+
+
+def cmd_studio(args: argparse.Namespace) -> int:
+    """Serve the review studio for one category until interrupted."""
+    from shoe_lora_pipeline.studio.serve import StudioConfigError, serve, studio_settings
+
+    try:
+        settings = studio_settings(args.config, args.category, args.host, args.dagster_url, args.token)
+    except StudioConfigError as exc:
+        return _error("studio", str(exc))
+    serve(settings, args.host, args.port)
+    return EXIT_OK
+
+
 # -- registry ------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -546,6 +580,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         help="render, QA-rank and publish product photos of one SKU with the category's LoRA",
         add_arguments=_render_arguments,
         run=cmd_render,
+    ),
+    "studio": Subcommand(
+        help="serve the review studio: upload specs, render, approve and publish from one local web page",
+        add_arguments=_studio_arguments,
+        run=cmd_studio,
     ),
 }
 

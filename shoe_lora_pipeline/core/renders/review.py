@@ -22,10 +22,13 @@ automatically.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import html
 import io
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from shoe_lora_pipeline.core.fsutil import atomic_write_json, atomic_write_text
 from shoe_lora_pipeline.core.renders.generate import SAMPLERS
 from shoe_lora_pipeline.core.renders.store import RenderPaths, read_index
 
+REVIEWS_LOCK_NAME = ".reviews.lock"
 REVIEW_COLUMNS = ("sku", "file", "decision", "note", "seed", "image_sha256")
 APPROVE, REJECT = "approve", "reject"
 _DECISIONS = {"": "", "approve": APPROVE, "approved": APPROVE, "reject": REJECT, "rejected": REJECT}
@@ -170,6 +174,19 @@ def merge_reviews(existing: Iterable[Review], records: Sequence[Mapping[str, Any
             )
     out += [r for k, r in by_key.items() if k not in current and (r.decision or r.note)]
     return out
+
+
+@contextlib.contextmanager
+def reviews_lock(paths: RenderPaths) -> Iterator[None]:
+    """Exclusive ``flock`` on ``renders/.reviews.lock`` for one read-modify-write of reviews.csv (held for
+    milliseconds; the kernel releases it if the holder dies)."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.root / REVIEWS_LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_reviews(reviews: Iterable[Review], path: Path) -> Path:
@@ -361,8 +378,9 @@ def review_renders(
 ) -> ReviewResult:
     """Merge reviews.csv with the current candidates, decide approvals, write approvals.json and the page."""
     index, records = read_index(paths)
-    reviews = merge_reviews(read_reviews(paths.reviews_csv), records)
-    write_reviews(reviews, paths.reviews_csv)
+    with reviews_lock(paths):  # the review studio writes decisions under the same lock
+        reviews = merge_reviews(read_reviews(paths.reviews_csv), records)
+        write_reviews(reviews, paths.reviews_csv)
     approvals = decide(records, reviews, auto_approve=auto_approve, require_qa_pass=require_qa_pass)
     atomic_write_json(
         paths.approvals_json,
