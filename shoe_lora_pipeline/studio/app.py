@@ -90,6 +90,7 @@ class StudioSettings:
     token: str | None = None
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     dagster_home: str | None = None
+    run_config: dict[str, Any] | None = None  # for the runs it launches (None: the job's defaults)
     csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     @property
@@ -253,7 +254,10 @@ def create_app(settings: StudioSettings) -> Starlette:
         keys = render_asset_keys(settings.cfg, settings.category, names)
         try:
             run_id = dagster_runs.launch_assets(
-                settings.dagster_url, keys, {"category": settings.category, "trigger": trigger}
+                settings.dagster_url,
+                keys,
+                {"category": settings.category, "trigger": trigger},
+                settings.run_config,
             )
         except (dagster_runs.DagsterUnreachable, dagster_runs.DagsterAnswerError) as exc:
             unreachable = isinstance(exc, dagster_runs.DagsterUnreachable)

@@ -8,7 +8,7 @@ Runs are of the implicit asset job with an asset selection, as the Dagster UI's 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -68,13 +68,18 @@ def _translate(url: str, exc: Exception) -> RuntimeError:
     return DagsterAnswerError(f"Dagster at {url} answered with an error: {message}")
 
 
-def launch_assets(url: str, keys: Sequence[Sequence[str]], tags: Mapping[str, str]) -> str:
+def launch_assets(
+    url: str,
+    keys: Sequence[Sequence[str]],
+    tags: Mapping[str, str],
+    run_config: Mapping[str, Any] | None = None,
+) -> str:
     """Launch a run materialising ``keys``; its run id."""
     from dagster_graphql import DagsterGraphQLClientError
 
     try:
         return _client(url).submit_job_execution(
-            ASSET_JOB, asset_selection=[list(k) for k in keys], tags=dict(tags)
+            ASSET_JOB, asset_selection=[list(k) for k in keys], tags=dict(tags), run_config=run_config
         )
     except DagsterGraphQLClientError as exc:
         raise _translate(url, exc) from exc

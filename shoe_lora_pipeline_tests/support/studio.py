@@ -12,11 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from shoe_lora_pipeline.core.config import load_config
 from shoe_lora_pipeline.core.renders.store import RenderPaths, pixels_sha256
 from shoe_lora_pipeline.studio.app import StudioSettings, create_app
+from shoe_lora_pipeline_tests.renders.test_marketplace import white_sneaker
 from shoe_lora_pipeline_tests.support.dagster_server import free_loopback_port
 
 CATEGORY = "casual_shoes"
@@ -43,7 +42,8 @@ def write_candidates(renders: Path, skus: Sequence[FakeSku]) -> RenderPaths:
         folder.mkdir(parents=True, exist_ok=True)
         candidates = []
         for i, passed in enumerate(spec.qa_passed):
-            image = Image.new("RGB", (16, 16), (40 * n % 256, 30 * i % 256, 200))
+            # A drawn sneaker, shifted per candidate so that every candidate's pixels differ.
+            image = white_sneaker(160, (25 + 6 * i, 62 + 4 * n, 115 + 6 * i, 100 + 4 * n))
             file = f"{i:03d}-{key}.png"
             image.save(folder / file)
             candidates.append(
