@@ -62,6 +62,7 @@ from shoe_lora_pipeline.core.studio import (
     render_asset_keys,
     resolve_inside,
     save_specs,
+    table_text,
 )
 from shoe_lora_pipeline.studio import dagster_runs
 
@@ -335,7 +336,8 @@ def create_app(settings: StudioSettings) -> Starlette:
             return specs_page(request, check, status=422, state="refused", message=_refused(check))
         path = settings.specs_path
         assert path is not None  # the CLI refuses a category without renders.specs_csv
-        backup = await run_in_threadpool(save_specs, path, check.text)
+        # Written as the table's rows (a row emptied in the table is dropped, quoting made uniform).
+        backup = await run_in_threadpool(save_specs, path, table_text(check.header, check.cells))
         kept = f"; the previous sheet is kept as {backup}" if backup else ""
         return specs_page(
             request, check, state="saved", message=f"saved {len(check.rows)} rows to {path}{kept}"

@@ -137,7 +137,8 @@ function setupSpecs() {
   form.addEventListener("submit", () => {
     const lines = [columns.map(quote).join(",")];
     for (const tr of table.tBodies[0].rows) {
-      lines.push(Array.from(tr.querySelectorAll("input")).map((i) => quote(i.value)).join(","));
+      const values = Array.from(tr.querySelectorAll("input")).map((i) => i.value);
+      if (values.some((v) => v.trim())) lines.push(values.map(quote).join(","));  // an emptied row is dropped
     }
     document.getElementById("sheet-csv").value = lines.join("\n") + "\n";
   });
