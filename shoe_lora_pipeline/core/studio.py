@@ -222,6 +222,25 @@ def published_set(published_dir: Path, renders_dir: Path) -> dict[str, dict[str,
     return out
 
 
+def refused_files(manifest_csv: Path) -> list[dict[str, str]]:
+    """What the last publication refused: ``{"profile", "file", "reason"}`` per flagged cell of
+    ``published/manifest.csv`` (the profile columns follow :data:`.renders.publish.MANIFEST_COLUMNS`)."""
+    import csv
+
+    from shoe_lora_pipeline.core.renders.publish import MANIFEST_COLUMNS
+
+    if not manifest_csv.is_file():
+        return []
+    with manifest_csv.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [
+        {"profile": name, "file": row.get("file", ""), "reason": value.removeprefix("flagged: ")}
+        for row in rows
+        for name, value in row.items()
+        if name not in MANIFEST_COLUMNS and isinstance(value, str) and value.startswith("flagged: ")
+    ]
+
+
 def render_asset_keys(cfg: PipelineConfig, category: str, names: Sequence[str]) -> list[list[str]]:
     """Asset key paths of a category's renders stages: plain for the config's first category, under the
     category for the others (as :func:`shoe_lora_pipeline.assets._category.category_key`)."""

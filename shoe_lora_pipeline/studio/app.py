@@ -59,6 +59,7 @@ from shoe_lora_pipeline.core.studio import (
     check_specs_upload,
     launch_command,
     published_set,
+    refused_files,
     render_asset_keys,
     resolve_inside,
     save_specs,
@@ -415,6 +416,7 @@ def create_app(settings: StudioSettings) -> Starlette:
             request,
             "publish.html",
             published=published_set(settings.paths.published_dir, settings.renders_dir),
+            refused=refused_files(settings.paths.manifest_csv),
             run=run_info(request.query_params.get("run")),
         )
 

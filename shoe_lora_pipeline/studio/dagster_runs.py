@@ -28,7 +28,14 @@ class DagsterAnswerError(RuntimeError):
 
 
 def _client(url: str) -> DagsterGraphQLClient:
+    import warnings
+
     from dagster_graphql import DagsterGraphQLClient
+
+    # dagster_graphql's own calls into gql use a form gql deprecates; nothing the studio can change.
+    warnings.filterwarnings(
+        "ignore", message="Using variable_values and operation_name", category=DeprecationWarning
+    )
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
