@@ -1,16 +1,13 @@
 """render_review: the contact sheet, the reviewer's reviews.csv and which candidates are approved."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
-import shlex
-import sys
-from pathlib import Path
-
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config
 from shoe_lora_pipeline.assets._metadata import md_table
 from shoe_lora_pipeline.core.config import PipelineConfig
 from shoe_lora_pipeline.core.renders import RenderPaths, review_renders
+from shoe_lora_pipeline.core.studio import launch_command
 from shoe_lora_pipeline.resources import PipelineConfigResource
 
 
@@ -65,18 +62,6 @@ def publish_command(context: dg.AssetExecutionContext, cfg: PipelineConfig) -> s
     """The exact command that re-reads reviews.csv and publishes this category: ``dg launch`` of this
     asset and its published_renders, with this run's instance and config, from the project folder (the
     `dg` CLI finds the project through pyproject.toml's [tool.dg]); ``-m`` when the package is not run
-    from a checkout."""
+    from a checkout. The review studio shows the same command when no Dagster webserver answers."""
     keys = [context.asset_key, dg.AssetKey([*context.asset_key.path[:-1], "published_renders"])]
-    env = [f"DAGSTER_HOME={shlex.quote(context.instance.root_directory)}"]
-    if cfg.source_path is not None:
-        env.append(f"SHOE_LORA_CONFIG={shlex.quote(str(Path(cfg.source_path).resolve()))}")
-    dg_cli = Path(sys.executable).parent / "dg"
-    launch = [str(dg_cli) if dg_cli.is_file() else "dg", "launch"]
-    project = Path(__file__).resolve().parents[2]
-    prefix = ""
-    if (project / "pyproject.toml").is_file():
-        prefix = f"cd {shlex.quote(str(project))} && "
-    else:
-        launch += ["-m", "shoe_lora_pipeline.definitions"]
-    launch += ["--assets", ",".join(k.to_user_string() for k in keys)]
-    return prefix + " ".join([*env, shlex.join(launch)])
+    return launch_command([k.path for k in keys], cfg.source_path, context.instance.root_directory)
