@@ -530,10 +530,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def _studio_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="pipeline config (default: $SHOE_LORA_CONFIG or configs/demo.yaml)")
     parser.add_argument("--category", help="product category (default: the config's first)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8090, help="port (default 8090)")
     parser.add_argument(
-        "--dagster-url", default="http://127.0.0.1:3000", help="the Dagster webserver that runs renders and publishing"
+        "--dagster-url",
+        default="http://127.0.0.1:3000",
+        help="the Dagster webserver that runs renders and publishing",
     )
     parser.add_argument(
         "--token",

@@ -307,7 +307,17 @@ def create_app(settings: StudioSettings) -> Starlette:
 
     def specs_get(request: Request) -> Response:
         check = current_sheet()
-        return specs_page(request, check, state="saved" if check else "none")
+        if check is None:
+            return specs_page(
+                request, None, state="none", message="no specs sheet yet: upload one or add rows"
+            )
+        message = ""
+        if not check.ok:
+            n = len(check.problems)
+            message = (
+                f"the saved sheet has {n} refused row{'s' if n != 1 else ''}: product_renders skips them"
+            )
+        return specs_page(request, check, state="saved", message=message)
 
     async def specs_upload(request: Request) -> Response:
         form = await form_with_csrf(request)
