@@ -380,3 +380,24 @@ def test_non_loopback_host_without_token_refuses_to_start(
     assert cli_main(["studio", "--config", str(tmp_path / "nosheet.yaml")]) == 2
     assert "has no renders.specs_csv" in capsys.readouterr().err
     assert os.environ.get("SHOE_LORA_STUDIO_TOKEN") is None
+
+
+def test_malformed_requests_get_a_clear_4xx(project: tuple) -> None:
+    settings, paths = project
+    client = client_for(settings)
+    before = settings.specs_path.read_bytes()
+    garbage = client.post(
+        "/specs/upload",
+        content=b"--x\r\nnot a part\r\n",
+        headers={"content-type": "multipart/form-data; boundary=zzz"},
+    )
+    assert garbage.status_code in (400, 403)  # unreadable form, or no CSRF token in it
+    no_file = client.post("/specs/upload", data={"csrf_token": settings.csrf})
+    assert no_file.status_code == 400 and "choose a CSV file" in no_file.text
+    many = {f"f{i}": "x" for i in range(50)} | {"csrf_token": settings.csrf}
+    assert client.post("/specs/upload", data=many).status_code == 400
+    not_json = client.post("/api/decision", content=b"{nope", headers={CSRF_HEADER: settings.csrf})
+    assert not_json.status_code == 400 and not_json.json()["error"] == "the request body is not JSON"
+    missing = client.post("/api/decision", json={"sku": "CS-1"}, headers={CSRF_HEADER: settings.csrf})
+    assert missing.status_code == 400 and "missing field 'seed'" in missing.json()["error"]
+    assert settings.specs_path.read_bytes() == before and not paths.reviews_csv.exists()
