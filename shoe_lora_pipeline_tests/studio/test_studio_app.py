@@ -125,6 +125,10 @@ def test_a_candidate_is_served_and_a_published_file_downloads(project: tuple) ->
     client = client_for(settings)
     ok = client.get("/files/candidates/CS-1/000-k000.png")
     assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
+    write_candidates(paths.root, [FakeSku("Ü 2#&", [True])])  # a SKU (a valid one) the URL must encode
+    page = client.get("/review").text
+    src = "/files/candidates/%C3%9C%202%23%26/000-k000.png"
+    assert f'src="{src}"' in page and client.get(src).status_code == 200
     sku_dir = paths.published_dir / "amazon_main" / "CS-1"
     sku_dir.mkdir(parents=True)
     (sku_dir / "000-k000.jpg").write_bytes((paths.sku_dir("CS-1") / "000-k000.png").read_bytes())
