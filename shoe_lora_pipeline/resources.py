@@ -77,11 +77,12 @@ class DeviceResource(dg.ConfigurableResource):
 
 
 class BaseModelResource(dg.ConfigurableResource):
-    """The Stable Diffusion base model named by ``training.base_model`` (hub id, folder or tiny-sd)."""
+    """The Stable Diffusion base model named by ``training.base_model`` (hub id, folder, tiny-sd or
+    tiny-sdxl), of the family ``training.model_family`` insists on (or the one its config says)."""
 
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("SHOE_LORA_CACHE", ""),
-        description="Where the built tiny-sd model is cached; empty = ~/.cache/shoe_lora_pipeline.",
+        description="Where the built tiny-sd / tiny-sdxl models are cached; empty = ~/.cache/shoe_lora_pipeline.",
     )
 
     def _cache(self) -> Path | None:
@@ -95,6 +96,7 @@ class BaseModelResource(dg.ConfigurableResource):
             revision=cfg.training.revision,
             cache_dir=self._cache(),
             dtype=device.weight_dtype,
+            model_family=cfg.training.model_family,
         )
 
     def folder(self, cfg: PipelineConfig) -> Path:

@@ -160,6 +160,12 @@ class TrainingConfig(_Strict):
         "hub id, or a local folder.",
     )
     revision: str | None = Field(None, description="Hub revision (commit/tag) of base_model.")
+    model_family: Literal["auto", "sd15", "sdxl"] = Field(
+        "auto",
+        description="The base model's family: 'auto' reads it from the model's UNet config (SDXL: "
+        "addition_embed_type text_time and a text_encoder_2); 'sd15'/'sdxl' insist, and a model of the other "
+        "family is an error.",
+    )
     output_dir: Path
     # train_batch_size × gradient_accumulation_steps is the effective batch (images per optimizer step);
     # micro_batch_size only says how many of them go through the UNet at once.
@@ -596,9 +602,16 @@ class PipelineConfig(_Strict):
         payload = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()
 
-    def training_hash(self) -> str:
-        """Hash of the settings that change training results; logging/validation cadence excluded."""
+    def training_hash(self, family: str | None = None) -> str:
+        """Hash of the settings that change training results; logging/validation cadence excluded.
+
+        ``family`` is the base model's resolved family (``SDComponents.family.name``); without it,
+        ``training.model_family`` where it insists. SD1.5 adds nothing, so SD1.5 hashes are those recorded
+        before families existed; any other family adds its name, so its checkpoints never resume on SD1.5.
+        """
+        family = family or (None if self.training.model_family == "auto" else self.training.model_family)
         cadence = {
+            "model_family",  # hashed below as the resolved family
             "validation_steps",
             "checkpointing_steps",
             "checkpoints_total_limit",
@@ -625,6 +638,8 @@ class PipelineConfig(_Strict):
         payload = self.training.model_dump(mode="json", exclude=cadence)
         payload["effective_batch_size"] = self.training.effective_batch_size
         payload["resolution"] = self.dataset.resolution
+        if family is not None and family != "sd15":
+            payload["model_family"] = family
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -978,7 +978,7 @@ def decide_start(
     says so in the log at once. Returns the decision and what every checkpoint of this run records.
     Rank 0 decides (it may clean up, set aside or move folders); the other ranks get its decision."""
     current = {
-        "training_hash": cfg.training_hash(),
+        "training_hash": cfg.training_hash(components.family.name),
         "training_config": recorded_training_config(cfg),
         "dataset_fingerprint": dataset_fingerprint,
         "base_model": components.identity,
