@@ -120,7 +120,6 @@ def test_tiny_sdxl_is_sdxl_shaped(tiny_sdxl_cache: Path) -> None:
         assert len(tok) == 49408 and tok(text).input_ids[1:-1] == SimpleTokenizer().encode(text)
     assert c.tokenizer.pad_token == "<|endoftext|>" and c.tokenizer_2.pad_token == "!"
     assert type(c.pipeline()).__name__ == "StableDiffusionXLPipeline"
-    assert type(c.img2img_pipeline()).__name__ == "StableDiffusionXLImg2ImgPipeline"
     # diffusers' own loader reads the folder (the path a user's script takes).
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
@@ -159,7 +158,6 @@ def test_sd15_components_keep_their_pipeline_and_identity(
     assert "family" not in c.identity  # SD1.5 identities are recorded as before families existed
     assert len(c.text_encoders) == 1 and len(c.tokenizers) == 1
     assert type(c.pipeline()).__name__ == "StableDiffusionPipeline"
-    assert type(c.img2img_pipeline()).__name__ == "StableDiffusionImg2ImgPipeline"
 
 
 def test_model_family_insisted_on_the_other_family_is_named(

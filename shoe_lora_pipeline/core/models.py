@@ -30,9 +30,7 @@ if TYPE_CHECKING:
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
-        StableDiffusionImg2ImgPipeline,
         StableDiffusionPipeline,
-        StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -269,13 +267,6 @@ class SDComponents:
         with a LoRA), with a fresh copy of the scheduler: multistep schedulers (PNDM, DPM++) keep state
         between calls."""
         pipeline_class = self.family.text2img_pipeline_class()
-        return pipeline_class(**self._pipeline_components(unet))
-
-    def img2img_pipeline(
-        self, unet: torch.nn.Module | None = None
-    ) -> StableDiffusionImg2ImgPipeline | StableDiffusionXLImg2ImgPipeline:
-        """The family's image-to-image pipeline of the same components (no extra weights)."""
-        pipeline_class = self.family.img2img_pipeline_class()
         return pipeline_class(**self._pipeline_components(unet))
 
     def _pipeline_components(self, unet: torch.nn.Module | None) -> dict[str, Any]:
