@@ -77,11 +77,12 @@ class DeviceResource(dg.ConfigurableResource):
 
 
 class BaseModelResource(dg.ConfigurableResource):
-    """The Stable Diffusion base model named by ``training.base_model`` (hub id, folder or tiny-sd)."""
+    """The Stable Diffusion base model named by ``training.base_model`` (hub id, folder, tiny-sd or
+    tiny-sdxl), of the family ``training.model_family`` insists on (or the one its config says)."""
 
     cache_dir: str = Field(
         default_factory=lambda: os.environ.get("SHOE_LORA_CACHE", ""),
-        description="Where the built tiny-sd model is cached; empty = ~/.cache/shoe_lora_pipeline.",
+        description="Where the built tiny-sd / tiny-sdxl models are cached; empty = ~/.cache/shoe_lora_pipeline.",
     )
 
     def _cache(self) -> Path | None:
@@ -95,6 +96,8 @@ class BaseModelResource(dg.ConfigurableResource):
             revision=cfg.training.revision,
             cache_dir=self._cache(),
             dtype=device.weight_dtype,
+            model_family=cfg.training.model_family,
+            vae=cfg.training.vae,
         )
 
     def folder(self, cfg: PipelineConfig) -> Path:
@@ -108,7 +111,9 @@ class BaseModelResource(dg.ConfigurableResource):
         the components and checkpoints and provenance.json carry it."""
         from shoe_lora_pipeline.core.models import base_model_identity
 
-        return base_model_identity(cfg.training.base_model, self.folder(cfg), cfg.training.revision)
+        return base_model_identity(
+            cfg.training.base_model, self.folder(cfg), cfg.training.revision, cfg.training.vae
+        )
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

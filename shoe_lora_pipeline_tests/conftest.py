@@ -39,6 +39,18 @@ def tiny_sd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the tiny SDXL model, built once per test session."""
+    from shoe_lora_pipeline.core.models import tiny_sdxl_path
+    from shoe_lora_pipeline_tests.support.training import one_torch_thread
+
+    cache = tmp_path_factory.mktemp("tiny-sdxl-cache")
+    with one_torch_thread():
+        tiny_sdxl_path(cache)
+    return cache
+
+
 @pytest.fixture
 def load_components(tiny_sd_cache: Path) -> Iterator[Callable[[], SDComponents]]:
     """Factory of freshly loaded tiny-model components (frozen; a test may change its own copy, as

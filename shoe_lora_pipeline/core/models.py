@@ -1,10 +1,12 @@
-"""Base models: the real SD1.5 loader and the tiny SD-shaped model built offline.
+"""Base models: the real SD1.5 / SDXL loader and the tiny SD- and SDXL-shaped models built offline.
 
 ``tiny-sd`` has exactly the classes of Stable Diffusion 1.5 (UNet2DConditionModel with cross-attention
 blocks, a 4-level AutoencoderKL so latents are 1/8 of the image side, CLIPTextModel with the real
 49,408-token CLIP vocabulary, CLIPTokenizer, the SD1.5 scheduler config) at tiny widths. It is built
 deterministically, saved as a diffusers folder in safetensors, and then loaded through the very same code
-path as a real SD1.5 folder, so tests exercise the production loader.
+path as a real SD1.5 folder, so tests exercise the production loader. ``tiny-sdxl`` is the same for
+SDXL: a UNet with ``text_time`` added conditions, CLIPTextModel + CLIPTextModelWithProjection (each with the
+real vocabulary), the SDXL VAE scaling and the Euler scheduler, loadable by StableDiffusionXLPipeline.
 """
 
 from __future__ import annotations
@@ -21,13 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from shoe_lora_pipeline.core.families import SD15, SDXL, ModelFamily, family_of_folder, resolve_family
 from shoe_lora_pipeline.core.fsutil import apply_umask_tree
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_SD = "tiny-sd"
 # The pretrained demo base model (tiny-sd's classes and widths, trained on drawn shoes by
@@ -38,6 +47,9 @@ TINY_SHOES_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / TINY_
 # the base-model identity recorded in checkpoints and exported files.
 TINY_SD_VERSION = "2"
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY_SDXL = "tiny-sdxl"
+TINY_SDXL_VERSION = "1"  # as TINY_SD_VERSION, for tiny-sdxl
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 # The published SD1.5 component configs (unet/config.json, vae/config.json, text_encoder/config.json,
 # scheduler/scheduler_config.json), kept here so the architecture can be checked offline.
@@ -103,6 +115,55 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
 }
 
+# The published SDXL base 1.0 component configs (unet/config.json, vae/config.json, text_encoder_2/
+# config.json, scheduler/scheduler_config.json; text_encoder is SD1.5's CLIP ViT-L), for the offline check.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    # 6 time_ids x 256 + the 1280-wide pooled embedding of text_encoder_2.
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+}
+SDXL_VAE_CONFIG: dict[str, Any] = {
+    **SD15_VAE_CONFIG,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,  # the SDXL VAE overflows in fp16
+}
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    **SD15_TEXT_ENCODER_CONFIG,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
 TINY_UNET_CONFIG: dict[str, Any] = {
     **SD15_UNET_CONFIG,
     "block_out_channels": [32, 64, 64],
@@ -131,6 +192,34 @@ TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "projection_dim": 64,
 }
 
+# tiny-sdxl: SDXL's layout (no attention at the full latent side, more transformer layers deeper down,
+# linear projections, text_time added conditions) at tiny-sd's widths. The UNet cross-attends to both text
+# encoders' hidden states side by side (32 + 32), as SDXL's does to 768 + 1280.
+TINY_SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    **TINY_TEXT_ENCODER_CONFIG,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+}
+TINY_SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    **TINY_SDXL_TEXT_ENCODER_CONFIG,
+    "hidden_act": "gelu",
+}
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    **SDXL_UNET_CONFIG,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 4, 4],
+    "transformer_layers_per_block": [1, 1, 2],
+    "cross_attention_dim": 64,
+    "addition_embed_type_num_heads": 8,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "norm_num_groups": 16,
+    "sample_size": 32,
+}
+TINY_SDXL_VAE_CONFIG: dict[str, Any] = {**TINY_VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
+
 
 class BaseModelError(RuntimeError):
     """The base model could not be loaded; the message says what to do about it."""
@@ -138,14 +227,31 @@ class BaseModelError(RuntimeError):
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion 1.x model the pipeline uses."""
+    """The parts of a Stable Diffusion model (SD1.5 or SDXL, see ``family``) the pipeline uses.
+
+    SDXL adds a second tokenizer and text encoder (``tokenizer_2`` / ``text_encoder_2``, the CLIP text model
+    with projection whose pooled output conditions the UNet); for SD1.5 they are None.
+    """
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     scheduler: SchedulerMixin  # inference scheduler as shipped with the model
-    identity: dict[str, Any]  # base model id, revision/hash, where it was loaded from
+    identity: dict[str, Any]  # base model id, revision/hash, where it was loaded from, family
+    family: ModelFamily = SD15
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        """The family's tokenizers in order (one for SD1.5, two for SDXL)."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The family's text encoders in order (one for SD1.5, two for SDXL)."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
     @property
     def noise_scheduler(self) -> DDPMScheduler:
@@ -154,21 +260,32 @@ class SDComponents:
 
         return DDPMScheduler.from_config(self.scheduler.config)
 
-    def pipeline(self, unet: torch.nn.Module | None = None) -> StableDiffusionPipeline:
-        """A text-to-image pipeline of these components (``unet`` instead of the base one, e.g. with a LoRA),
-        with a fresh copy of the scheduler: multistep schedulers (PNDM, DPM++) keep state between calls."""
-        from diffusers import StableDiffusionPipeline
+    def pipeline(
+        self, unet: torch.nn.Module | None = None
+    ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """The family's text-to-image pipeline of these components (``unet`` instead of the base one, e.g.
+        with a LoRA), with a fresh copy of the scheduler: multistep schedulers (PNDM, DPM++) keep state
+        between calls."""
+        pipeline_class = self.family.text2img_pipeline_class()
+        return pipeline_class(**self._pipeline_components(unet))
 
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet if unet is not None else self.unet,
-            scheduler=type(self.scheduler).from_config(self.scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    def _pipeline_components(self, unet: torch.nn.Module | None) -> dict[str, Any]:
+        parts: dict[str, Any] = {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": unet if unet is not None else self.unet,
+            "scheduler": type(self.scheduler).from_config(self.scheduler.config),
+        }
+        if self.family.uses_added_conditions:
+            # No invisible watermark: published files carry the IPTC/C2PA marks instead, and an optional
+            # package being installed must not change the pixels.
+            parts.update(
+                text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2, add_watermarker=False
+            )
+        else:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return parts
 
     @property
     def vae_scale_factor(self) -> int:
@@ -203,11 +320,11 @@ def clip_tokenizer_files(target_dir: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def clip_tokenizer(vocab_file: Path, merges_file: Path) -> Any:
-    """CLIPTokenizer configured as SD1.5's: 77-token context, end-of-text as padding."""
+def clip_tokenizer(vocab_file: Path, merges_file: Path, pad_token: str = "<|endoftext|>") -> Any:
+    """CLIPTokenizer configured as SD1.5's: 77-token context, end-of-text as padding (SDXL's second: "!")."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77)
 
 
 def build_tiny_sd(target_dir: Path) -> Path:
@@ -237,9 +354,22 @@ def build_tiny_sd(target_dir: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    # Write next to the target and rename, so a concurrent or interrupted build never leaves half a model.
+    return _save_model_folder(pipe, target_dir, ".tiny-sd-")
+
+
+def tiny_sd_path(cache_dir: Path | None = None) -> Path:
+    """Folder of the tiny model, built on first use."""
+    path = (cache_dir or default_cache_dir()) / f"tiny-sd-v{TINY_SD_VERSION}"
+    if not (path / "model_index.json").exists():
+        build_tiny_sd(path)
+    return path
+
+
+def _save_model_folder(pipe: Any, target_dir: Path, prefix: str) -> Path:
+    """Save a pipeline as a diffusers folder next to the target and rename it into place, so a concurrent
+    or interrupted build never leaves half a model."""
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target_dir.parent))
+    tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=target_dir.parent))
     try:
         pipe.save_pretrained(tmp_dir, safe_serialization=True)
         apply_umask_tree(tmp_dir)  # mkdtemp made it 0700 and safetensors writes 0600
@@ -253,11 +383,50 @@ def build_tiny_sd(target_dir: Path) -> Path:
     return target_dir
 
 
-def tiny_sd_path(cache_dir: Path | None = None) -> Path:
-    """Folder of the tiny model, built on first use."""
-    path = (cache_dir or default_cache_dir()) / f"tiny-sd-v{TINY_SD_VERSION}"
+def build_tiny_sdxl(target_dir: Path) -> Path:
+    """Build the tiny SDXL-shaped pipeline deterministically and save it as a diffusers folder."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = clip_tokenizer_files(Path(tmp))
+        tokenizer = clip_tokenizer(*files)
+        # SDXL's second tokenizer (OpenCLIP bigG's) pads with "!" (token 0), not with end-of-text.
+        tokenizer_2 = clip_tokenizer(*files, pad_token="!")
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET_CONFIG)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**TINY_SDXL_VAE_CONFIG)
+    torch.manual_seed(2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER_CONFIG))
+    torch.manual_seed(3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_ENCODER_2_CONFIG))
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    return _save_model_folder(pipe, target_dir, ".tiny-sdxl-")
+
+
+def tiny_sdxl_path(cache_dir: Path | None = None) -> Path:
+    """Folder of the tiny SDXL model, built on first use."""
+    path = (cache_dir or default_cache_dir()) / f"tiny-sdxl-v{TINY_SDXL_VERSION}"
     if not (path / "model_index.json").exists():
-        build_tiny_sd(path)
+        build_tiny_sdxl(path)
     return path
 
 
@@ -342,6 +511,8 @@ def resolve_base_model(base_model: str, revision: str | None = None, cache_dir: 
     """Local folder holding the diffusers-layout base model (building tiny-sd or reading the hub cache)."""
     if base_model == TINY_SD:
         return tiny_sd_path(cache_dir)
+    if base_model == TINY_SDXL:
+        return tiny_sdxl_path(cache_dir)
     if base_model == TINY_SHOES:
         return tiny_shoes_path()
     candidate = Path(base_model).expanduser()
@@ -349,7 +520,8 @@ def resolve_base_model(base_model: str, revision: str | None = None, cache_dir: 
         if not (candidate / "model_index.json").exists() and not (candidate / "unet").is_dir():
             raise BaseModelError(
                 f"training.base_model = {base_model!r} is a folder but not a diffusers model "
-                "(no model_index.json / unet/): save it with StableDiffusionPipeline.save_pretrained"
+                "(no model_index.json / unet/): save it with StableDiffusionPipeline (or StableDiffusionXLPipeline)"
+                ".save_pretrained"
             )
         return candidate
     if candidate.is_absolute() or base_model.startswith((".", "~")):
@@ -378,11 +550,38 @@ def resolve_base_model(base_model: str, revision: str | None = None, cache_dir: 
         ) from None
 
 
-def base_model_identity(base_model: str, folder: Path, revision: str | None = None) -> dict[str, Any]:
-    """What an auditor needs to know which base model a LoRA was trained on."""
+def resolve_vae(vae: str) -> Path:
+    """Local folder of a separately configured VAE (``training.vae``): a folder holding an AutoencoderKL's
+    config.json and safetensors, or a hub id in the local hub cache (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    candidate = Path(vae).expanduser()
+    if candidate.is_dir() or candidate.is_absolute() or vae.startswith((".", "~")):
+        if not (candidate / "config.json").is_file():
+            raise BaseModelError(
+                f"training.vae = {vae!r}: no AutoencoderKL folder there (config.json missing); save one with "
+                "AutoencoderKL.save_pretrained"
+            )
+        return candidate
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(vae, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several unrelated types for "not here"
+        raise BaseModelError(
+            f"training.vae = {vae!r}: not in the local hub cache ({type(exc).__name__}: {exc}); download it on "
+            f"a machine with network access (`huggingface-cli download {vae}`) or set a local folder"
+        ) from None
+
+
+def base_model_identity(
+    base_model: str, folder: Path, revision: str | None = None, vae: str | None = None
+) -> dict[str, Any]:
+    """What an auditor needs to know which base model a LoRA was trained on (and the VAE that replaced
+    its own, ``training.vae``: its fingerprint is then part of the base model's)."""
     ident: dict[str, Any] = {"base_model": base_model, "path": str(folder)}
     if base_model == TINY_SD:
         ident["revision"] = f"tiny-sd-v{TINY_SD_VERSION}"
+    elif base_model == TINY_SDXL:
+        ident["revision"] = f"tiny-sdxl-v{TINY_SDXL_VERSION}"
     elif base_model == TINY_SHOES:
         ident["revision"] = "committed in data/models/tiny-shoes (see its training.json)"
     elif folder.parent.name == "snapshots":
@@ -391,6 +590,14 @@ def base_model_identity(base_model: str, folder: Path, revision: str | None = No
     else:
         ident["revision"] = revision
     ident["fingerprint"] = _folder_fingerprint(folder)
+    # SD1.5 identities stay as they were recorded before families existed; other families say theirs.
+    if (folder / "unet" / "config.json").is_file() and (family := family_of_folder(folder)) is not SD15:
+        ident["family"] = family.name
+    if vae:
+        vae_folder = resolve_vae(vae)
+        vae_fingerprint = _folder_fingerprint(vae_folder)
+        ident["vae"] = {"vae": vae, "path": str(vae_folder), "fingerprint": vae_fingerprint}
+        ident["fingerprint"] = hashlib.sha256(f"{ident['fingerprint']}+vae:{vae_fingerprint}".encode()).hexdigest()
     return ident
 
 
@@ -399,38 +606,70 @@ def load_base_model(
     revision: str | None = None,
     cache_dir: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    model_family: str = "auto",
+    vae: str | None = None,
 ) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and scheduler from safetensors; frozen, in eval mode."""
+    """Load the tokenizer(s), text encoder(s), VAE, UNet and scheduler from safetensors; frozen, in eval mode.
+
+    The family (SD1.5 or SDXL) is read from the model folder; ``model_family`` (``training.model_family``)
+    may insist on one, and a model of the other family is then an error naming the key and what was found.
+    ``vae`` (``training.vae``) replaces the model's VAE, e.g. an fp16-fixed SDXL VAE; the identity then
+    records it and its fingerprint is part of the base model's (latent caches are keyed by it).
+    """
+    import diffusers
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder = resolve_base_model(base_model, revision, cache_dir)
+    family = resolve_family(family_of_folder(folder), model_family, f"base model {base_model!r} ({folder})")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(
-            folder, subfolder="text_encoder", use_safetensors=True, torch_dtype=dtype
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(folder, subfolder=sub) for sub in family.tokenizer_subfolders
+        ]
+        text_encoders = [
+            family.text_encoder_class(i).from_pretrained(
+                folder, subfolder=sub, use_safetensors=True, torch_dtype=dtype
+            )
+            for i, sub in enumerate(family.text_encoder_subfolders)
+        ]
+        vae_folder = resolve_vae(vae) if vae else None
+        autoencoder = AutoencoderKL.from_pretrained(
+            *((vae_folder,) if vae_folder else (folder,)),
+            **({} if vae_folder else {"subfolder": "vae"}),
+            use_safetensors=True,
+            torch_dtype=dtype,
         )
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
         unet = UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype
         )
-        scheduler = PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
-    except (OSError, ValueError) as exc:
+        # SD1.5 folders ship PNDM (as loaded since the first release); SDXL the scheduler its folder names.
+        scheduler_class = PNDMScheduler
+        if family is SDXL:
+            scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+            scheduler_class = getattr(
+                diffusers, scheduler_config.get("_class_name", "EulerDiscreteScheduler")
+            )
+        scheduler = scheduler_class.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, AttributeError) as exc:
         raise BaseModelError(
             f"base model folder {folder} is incomplete or not in safetensors format: {exc}"
         ) from None
-    if base_model == TINY_SHOES:
-        _check_all_weights_loaded(folder, {"text_encoder": text_encoder, "vae": vae, "unet": unet})
-    for module in (text_encoder, vae, unet):
+    if base_model == TINY_SHOES and vae_folder is None:
+        _check_all_weights_loaded(folder, {"text_encoder": text_encoders[0], "vae": autoencoder, "unet": unet})
+    for module in (*text_encoders, autoencoder, unet):
         module.requires_grad_(False)
         module.eval()
+    identity = base_model_identity(base_model, folder, revision, vae)
     return SDComponents(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
+        tokenizer=tokenizers[0],
+        text_encoder=text_encoders[0],
+        vae=autoencoder,
         unet=unet,
         scheduler=scheduler,
-        identity=base_model_identity(base_model, folder, revision),
+        identity=identity,
+        family=family,
+        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+        text_encoder_2=text_encoders[1] if len(text_encoders) > 1 else None,
     )
 
 
@@ -483,3 +722,31 @@ def sd15_unet_lora_parameter_counts(
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, alpha, 0.0, list(target_modules)))
     return count_parameters(unet)
+
+
+def unet_lora_parameter_counts(
+    unet_config: dict[str, Any],
+    rank: int = 8,
+    alpha: float = 16,
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+) -> tuple[int, int, int]:
+    """Build a UNet on the meta device (no memory, no weights), add the LoRA and count:
+    (trainable, total, adapted attention layers, i.e. modules named ``to_q`` that got a LoRA)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(rank, alpha, 0.0, list(target_modules)))
+    trainable, total = count_parameters(unet)
+    layers = sum(1 for name, m in unet.named_modules() if name.endswith("to_q") and hasattr(m, "lora_A"))
+    return trainable, total, layers
+
+
+def sdxl_unet_lora_parameter_counts(
+    rank: int = 8,
+    alpha: float = 16,
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+) -> tuple[int, int, int]:
+    """The SDXL base UNet's counts with the LoRA, on the meta device: (trainable, total, attention layers)."""
+    return unet_lora_parameter_counts(SDXL_UNET_CONFIG, rank, alpha, target_modules)

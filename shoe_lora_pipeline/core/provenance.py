@@ -118,7 +118,7 @@ def collect_provenance(
         "dagster_run_id": dagster_run_id,
         "config_hash": config.config_hash() if config is not None else None,
         "training_hash": state.get("training_hash")
-        or (config.training_hash() if config is not None else None),
+        or (config.training_hash(base.get("family")) if config is not None else None),
         "dataset_name": config.dataset.name if config is not None else None,
         "dataset_manifest_hash": dataset_manifest_hash,
         "dataset_fingerprint": state.get("dataset_fingerprint"),
