@@ -571,6 +571,7 @@ def _merge_provenance(provenance: Mapping[str, Any], meta: Mapping[str, Any]) ->
         "base_model": base.get("base_model"),
         "base_model_revision": base.get("revision"),
         "base_model_fingerprint": base.get("fingerprint"),
+        "base_model_family": base.get("family"),  # recorded for families other than SD1.5
         "training_hash": meta.get("training_hash"),
         "dataset_fingerprint": meta.get("dataset_fingerprint"),
     }
@@ -813,24 +814,24 @@ class LoraMismatchError(LoraExportError):
     message names the file, the keys at fault, the family the file says it is for and the model's."""
 
 
-def _file_family(meta: Mapping[str, str]) -> str | None:
-    """The family a LoRA file says it is for: kohya's ``ss_base_model_version`` or our provenance."""
-    from shoe_lora_pipeline.core.families import FAMILIES
+def _declared_family(meta: Mapping[str, str]) -> tuple[ModelFamily | None, str | None]:
+    """(family, where the file says so) from kohya's ``ss_base_model_version`` or our provenance (an
+    export names ``base_model_family`` unless it is SD1.5, as every export before SDXL was)."""
+    from shoe_lora_pipeline.core.families import FAMILIES, SD15, family_named
 
     version = meta.get("ss_base_model_version")
-    for family in FAMILIES.values():
-        if version == family.kohya_base_model_version:
-            return f"{family.name} (ss_base_model_version = {version!r})"
     if version:
-        return f"ss_base_model_version = {version!r}"
+        found = [f for f in FAMILIES.values() if f.kohya_base_model_version == version]
+        return (found[0] if found else None), f"ss_base_model_version = {version!r}"
     raw = meta.get(META_PROVENANCE_KEY)
-    if raw:
-        prov = json.loads(raw)
-        if prov.get("model_family"):
-            return f"{prov['model_family']} (shoe_lora provenance, base model {prov.get('base_model')!r})"
-        if prov.get("base_model"):
-            return f"sd15 (shoe_lora provenance, base model {prov.get('base_model')!r})"
-    return None
+    prov = json.loads(raw) if raw else {}
+    if prov.get("base_model_family"):
+        return family_named(prov["base_model_family"]), (
+            f"{META_PROVENANCE_KEY} base_model_family = {prov['base_model_family']!r}"
+        )
+    if prov.get("base_model"):
+        return SD15, f"{META_PROVENANCE_KEY} base_model = {prov['base_model']!r}, no base_model_family"
+    return None, None
 
 
 def _lora_weights_file(path: Path) -> Path:
@@ -872,7 +873,12 @@ def check_lora_fits(
                 kohya_names[names.kohya_name(module)] = module
             except ValueError:
                 continue  # outside an attention block: no LDM name
+    declared, where = _declared_family(meta)
     problems: list[str] = []
+    if declared is not None and declared != family:
+        # Small models of two families can share every layer shape: what the file says decides.
+        weights = sorted(k for k in shapes if _lora_module_of(k, {}, KOHYA_UNET_PREFIX)[1] is not None)
+        problems.append(f"{where} says it is a {declared.name} LoRA (keys {', '.join(weights[:2])}, …)")
     for key, shape in sorted(shapes.items()):
         module, part = _lora_module_of(key, kohya_names, KOHYA_UNET_PREFIX)
         if part is None:
@@ -888,11 +894,12 @@ def check_lora_fits(
         elif part == "B" and shape[:1] != (layer.out_features,):
             problems.append(f"{key} {list(shape)} (the layer gives {layer.out_features} outputs)")
     if problems:
-        found = _file_family(meta) or "not recorded in the file"
+        found = f"{declared.name} ({declared.title})" if declared else "not recorded in the file"
         raise LoraMismatchError(
-            f"{path}: this LoRA does not fit {model}, a {family.name} ({family.title}) UNet: "
-            f"{len(problems)} of {len(shapes)} keys do not match, e.g. {'; '.join(problems[:3])}. "
-            f"The file is for: {found}. Load it onto a base model of its own family."
+            f"{path}: this LoRA does not fit {model}, a {family.name} ({family.title}) model: "
+            f"{'; '.join(problems[:3])}{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. "
+            f"Family found in the file: {found}{f' ({where})' if where else ''}. Load it onto a base model of "
+            "its own family."
         )
 
 
@@ -901,7 +908,8 @@ def _lora_module_of(
 ) -> tuple[str | None, str | None]:
     """(UNet module path, "A"/"B") of a LoRA weight key in any of the three formats; (None, None) for
     keys that are not UNet LoRA weights; ("text_encoder_2", "A") for a second text encoder's layers."""
-    m = re.fullmatch(r"(.+)\.lora_(A|B|down|up)\.weight", key)
+    # PEFT lora_A/lora_B, diffusers' lora.down/lora.up, kohya's lora_down/lora_up.
+    m = re.fullmatch(r"(.+)\.lora[._](A|B|down|up)\.weight", key)
     if m is None:
         return None, None
     stem, part = m.group(1), {"down": "A", "up": "B"}.get(m.group(2), m.group(2))
