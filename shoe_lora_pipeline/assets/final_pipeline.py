@@ -13,9 +13,10 @@ from shoe_lora_pipeline.resources import BaseModelResource, PipelineConfigResour
     deps=["lora_weights"],
     kinds={"diffusers"},
     code_version="1",
-    description="StableDiffusionPipeline with the LoRA fused (save_pretrained, safetensors): loads with "
-    "StableDiffusionPipeline.from_pretrained(path) and needs no LoRA at inference. ~2–4 GB on SD1.5, so it "
-    "is written once per LoRA version.",
+    description="The base model's pipeline with the LoRA fused (save_pretrained, safetensors), of the base "
+    "model's family: loads with StableDiffusionPipeline.from_pretrained(path) (SD1.5) or "
+    "StableDiffusionXLPipeline.from_pretrained(path) (SDXL) and needs no LoRA at inference. ~2–4 GB on "
+    "SD1.5 (~7 GB on SDXL), so it is written once per LoRA version.",
 )
 def final_pipeline(
     context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, base_model: BaseModelResource

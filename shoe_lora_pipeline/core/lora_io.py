@@ -681,6 +681,7 @@ def _card_info(
     base_revision: str | None,
     step: int,
     prov: dict[str, Any],
+    family: ModelFamily,
 ) -> ModelCardInfo:
     return ModelCardInfo(
         dataset_name=dataset_name,
@@ -696,6 +697,7 @@ def _card_info(
         instance_prompt=facts.caption_template,
         widget_prompts=list(facts.validation_prompts),
         provenance=prov,
+        family=family,
     )
 
 
@@ -787,7 +789,7 @@ def export_lora(
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
         # 6. Model card.
-        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, identity)
+        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, identity, family)
         card.kohya_weights_file, card.file_sha256 = kohya_name, hashes
         card.validation_grid_file = VALIDATION_GRID_NAME if grid else None
         write_model_card(tmp / MODEL_CARD_NAME, card)

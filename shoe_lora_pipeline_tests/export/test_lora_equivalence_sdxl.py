@@ -123,6 +123,8 @@ def test_kohya_file_has_sdxl_names_and_metadata(case: Case) -> None:
     assert header["ss_resolution"] == "(1024, 1024)"
     assert header["ss_network_alpha"] == "16.0" and header["ss_network_dim"] == "8"
     assert lora_io.read_provenance(case.lora_dir)["provenance"]["base_model_family"] == "sdxl"
+    card = (case.lora_dir / lora_io.MODEL_CARD_NAME).read_text()
+    assert "StableDiffusionXLPipeline.from_pretrained(" in card and "Stable Diffusion XL checkpoint" in card
 
 
 def test_peft_from_pretrained_matches(case: Case) -> None:
