@@ -128,16 +128,14 @@ class KohyaUnetNames:
         return out
 
 
-# kohya-ss trains SD1.x on a diffusers-named UNet and SDXL on the original SGM one (sdxl_original_unet),
-# so its files, and every client's expectations, follow those names.
-_LDM_NAMED_FAMILIES = frozenset({"sdxl"})
-
-
 def kohya_unet_names(family: ModelFamily, unet_config: Mapping[str, Any]) -> KohyaUnetNames:
-    """The naming kohya files of ``family`` use, for the UNet of ``unet_config``."""
-    if family.name in _LDM_NAMED_FAMILIES:
-        return KohyaUnetNames(ldm_attention_blocks(unet_config))
-    return KohyaUnetNames(None)
+    """The naming kohya files of ``family`` use, for the UNet of ``unet_config``: kohya-ss trains SD1.x on
+    a diffusers-named UNet and SDXL on the original SGM one, so its files, and every client's
+    expectations, follow those names."""
+    from shoe_lora_pipeline.core.families import SDXL
+
+    ldm_named = {SDXL}  # the families whose kohya files name the LDM blocks
+    return KohyaUnetNames(ldm_attention_blocks(unet_config) if family in ldm_named else None)
 
 
 def kohya_module_names(keys: Iterable[str]) -> list[str]:

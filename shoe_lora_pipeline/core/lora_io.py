@@ -624,7 +624,10 @@ def _checkpoint_family(base_model_dir: Path, meta: Mapping[str, Any], checkpoint
     from shoe_lora_pipeline.core.families import family_of_folder
 
     family = family_of_folder(Path(base_model_dir))
-    recorded = (meta.get("base_model") or {}).get("family") or "sd15"  # SD1.5 identities name none
+    identity = meta.get("base_model")
+    if not identity:
+        return family  # a checkpoint that recorded no base model: the folder decides
+    recorded = identity.get("family") or "sd15"  # SD1.5 identities name none
     if recorded != family.name:
         raise LoraExportError(
             f"{checkpoint_dir / TRAINING_STATE_NAME}: base_model.family = {recorded!r} but the base model "
