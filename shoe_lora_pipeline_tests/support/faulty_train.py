@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from shoe_lora_pipeline import train
-from shoe_lora_pipeline.core import training
 from shoe_lora_pipeline.core.distributed import Ranks
+from shoe_lora_pipeline.core.training import loop as training  # where train_lora looks save_and_rotate up
 
 FAULT = json.loads(os.environ["SHOE_LORA_TEST_FAULT"])
 started: list[Ranks] = []

@@ -98,7 +98,7 @@ def test_changed_dataset_fingerprint_starts_fresh(tmp_path, load_components, dat
 
 
 def test_non_finite_loss_stops_without_checkpoint(tmp_path, load_components, dataset, monkeypatch):
-    import shoe_lora_pipeline.core.training as training
+    import shoe_lora_pipeline.core.training.loop as training  # the loop looks diffusion_loss up here
 
     real_loss = training.diffusion_loss
     calls = {"n": 0}

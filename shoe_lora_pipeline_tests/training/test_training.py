@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import shoe_lora_pipeline.core.training as training
+import shoe_lora_pipeline.core.training.loop as training  # the loop looks diffusion_loss up here
 from shoe_lora_pipeline.core.checkpoints import list_checkpoints
 from shoe_lora_pipeline.core.run_artifacts import read_losses_csv
 from shoe_lora_pipeline.core.training import TrainingError, setup_lora_unet
