@@ -870,7 +870,15 @@ def check_lora_fits(
             meta = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for a corrupt header
         raise LoraExportError(f"{path}: not a readable safetensors file: {exc}") from None
-    linear = {n: m for n, m in unet.named_modules() if hasattr(m, "in_features")}
+    # (inputs, outputs) of every layer a LoRA can adapt: linear layers and convolutions (LoCon files).
+    linear = {
+        n: (
+            getattr(m, "in_features", None) or m.in_channels,
+            getattr(m, "out_features", None) or m.out_channels,
+        )
+        for n, m in unet.named_modules()
+        if hasattr(m, "in_features") or hasattr(m, "in_channels") and hasattr(m, "kernel_size")
+    }
     kohya_names = {}
     for names in (KohyaUnetNames(None), KohyaUnetNames(ldm_attention_blocks(unet.config))):
         for module in linear:
@@ -894,10 +902,10 @@ def check_lora_fits(
         layer = linear.get(module) if module is not None else None
         if layer is None:
             problems.append(f"{key} (no such layer in the UNet)")
-        elif part == "A" and shape[1:] != (layer.in_features,):
-            problems.append(f"{key} {list(shape)} (the layer takes {layer.in_features} inputs)")
-        elif part == "B" and shape[:1] != (layer.out_features,):
-            problems.append(f"{key} {list(shape)} (the layer gives {layer.out_features} outputs)")
+        elif part == "A" and shape[1:2] != (layer[0],):  # [r, in] (a convolution's [r, in, k, k])
+            problems.append(f"{key} {list(shape)} (the layer takes {layer[0]} inputs)")
+        elif part == "B" and shape[:1] != (layer[1],):  # [out, r, …]
+            problems.append(f"{key} {list(shape)} (the layer gives {layer[1]} outputs)")
     if problems:
         found = f"{declared.name} ({declared.title})" if declared else "not recorded in the file"
         raise LoraMismatchError(

@@ -220,3 +220,32 @@ def test_sd15_lora_onto_sdxl_model_is_refused(case: Case, tiny_sd_cache: Path, t
             ckpt, tmp_path / "x", dataset_name=DATASET, provenance={}, base_model_dir=case.base_dir
         )
     assert SDXL.kohya_base_model_version == "sdxl_base_v1-0"
+
+
+def test_fit_check_knows_convolutions_and_both_kohya_namings(tmp_path: Path, tiny_sd_cache: Path) -> None:
+    """LoCon-style files adapt convolutions ([r, in, k, k]); SD1.5 kohya files may name LDM blocks too."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(
+        tiny_sd_path(tiny_sd_cache), subfolder="unet", use_safetensors=True
+    )
+    conv = unet.down_blocks[0].resnets[0].conv1
+    attn = (
+        "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k"  # LDM name of down_blocks.1.attentions.0
+    )
+    to_k = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k
+    good = {
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, conv.in_channels, 3, 3),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(conv.out_channels, 4, 1, 1),
+        f"{attn}.lora_down.weight": torch.zeros(4, to_k.in_features),
+        f"{attn}.lora_up.weight": torch.zeros(to_k.out_features, 4),
+    }
+    save_file(good, tmp_path / "good.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+    lora_io.check_lora_fits(tmp_path / "good.safetensors", unet, SD15)
+    bad = {**good, f"{attn}.lora_down.weight": torch.zeros(4, to_k.in_features + 1)}
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(
+        lora_io.LoraMismatchError, match=rf"{attn}\.lora_down\.weight \[4, {to_k.in_features + 1}\]"
+    ):
+        lora_io.check_lora_fits(tmp_path / "bad.safetensors", unet, SD15)
