@@ -12,7 +12,7 @@ path depends on the family, because kohya-ss trains each on a different UNet imp
 
 Inside a block the LDM and diffusers transformers share every name (``transformer_blocks.N.attn1.to_q``,
 ``to_out.0``, ``proj_in``, ``norm``), so the map is one of block prefixes, derived from the UNet config
-(``layers_per_block``, block types, transformer depths) and not a fixed table, which makes it hold for the
+(``layers_per_block`` and the block types) and not a fixed table, which makes it hold for the
 real SDXL UNet and for tiny-sdxl alike:
 
 * ``down_blocks.{b}.attentions.{i}`` → ``input_blocks.{n}.1`` with ``n = 1 + Σ_{c<b} (layers_c + 1) + i``
@@ -21,16 +21,15 @@ real SDXL UNet and for tiny-sdxl alike:
 * ``up_blocks.{b}.attentions.{i}`` → ``output_blocks.{n}.1`` with ``n = Σ_{c<b} (layers_c + 1) + i``, the
   up blocks' layer counts being the down blocks' reversed, plus one.
 
-``shoe_lora_pipeline_tests/export/test_kohya_keys.py`` holds the SDXL table these rules give, checked
-against what ComfyUI's ``unet_to_diffusers`` and diffusers' ``_maybe_map_sgm_blocks_to_diffusers`` derive.
-Only attention blocks are mapped: a LoRA on a resnet, sampler or embedding is refused, by name, rather than
-written under a name no client finds.
+``shoe_lora_pipeline_tests/export/test_kohya_keys.py`` holds the SDXL table these rules give and reads
+every name back through diffusers' own kohya reader. Only attention blocks are mapped: a LoRA on a resnet,
+sampler or embedding is refused, by name, rather than written under a name no client finds.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +37,6 @@ if TYPE_CHECKING:
     from shoe_lora_pipeline.core.families import ModelFamily
 
 KOHYA_UNET_PREFIX = "lora_unet_"
-# kohya's text-encoder prefixes (SD1.5 files from A1111 use lora_te_; diffusers and kohya SDXL write te1/te2).
-KOHYA_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_")
 _CROSS_ATTN = (
     "CrossAttn"  # diffusers' block types with attentions: CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, …
 )
@@ -136,8 +133,3 @@ def kohya_unet_names(family: ModelFamily, unet_config: Mapping[str, Any]) -> Koh
 
     ldm_named = {SDXL}  # the families whose kohya files name the LDM blocks
     return KohyaUnetNames(ldm_attention_blocks(unet_config) if family in ldm_named else None)
-
-
-def kohya_module_names(keys: Iterable[str]) -> list[str]:
-    """The distinct module names of a kohya file's keys (``lora_unet_….lora_down.weight`` → ``lora_unet_…``)."""
-    return sorted({k.split(".", 1)[0] for k in keys})
