@@ -97,6 +97,7 @@ class BaseModelResource(dg.ConfigurableResource):
             cache_dir=self._cache(),
             dtype=device.weight_dtype,
             model_family=cfg.training.model_family,
+            vae=cfg.training.vae,
         )
 
     def folder(self, cfg: PipelineConfig) -> Path:
@@ -110,7 +111,9 @@ class BaseModelResource(dg.ConfigurableResource):
         the components and checkpoints and provenance.json carry it."""
         from shoe_lora_pipeline.core.models import base_model_identity
 
-        return base_model_identity(cfg.training.base_model, self.folder(cfg), cfg.training.revision)
+        return base_model_identity(
+            cfg.training.base_model, self.folder(cfg), cfg.training.revision, cfg.training.vae
+        )
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache_dir=Path(args.base_model_cache) if args.base_model_cache else None,
                 dtype=device_info.weight_dtype,
                 model_family=cfg.training.model_family,
+                vae=cfg.training.vae,
             )
             result = train_category(
                 cfg,

@@ -70,7 +70,7 @@ def test_insisting_on_a_family() -> None:
 def _cfg(tmp_path: Path, **training: object) -> PipelineConfig:
     return PipelineConfig.model_validate(
         {
-            "dataset": {"raw_dir": str(tmp_path), "output_dir": str(tmp_path / "out")},
+            "dataset": {"raw_dir": str(tmp_path), "output_dir": str(tmp_path / "out"), "resolution": 512},
             "training": {"output_dir": str(tmp_path / "lora"), **training},
         }
     )

@@ -75,7 +75,12 @@ class DatasetConfig(_Strict):
     name: str = Field("casual_shoes", min_length=1)
     raw_dir: Path
     output_dir: Path
-    resolution: int = Field(512, ge=64, description="Side of the square training images (pixels).")
+    resolution: int = Field(
+        512,
+        ge=64,
+        description="Side of the square training images (pixels); unset: the base model family's native "
+        "size (SD1.5 512, SDXL 1024).",
+    )
     styles_csv: Path | None = Field(
         None, description="Product metadata CSV (fashion-product-images layout); default raw_dir/styles.csv."
     )
@@ -160,6 +165,12 @@ class TrainingConfig(_Strict):
         "hub id, or a local folder.",
     )
     revision: str | None = Field(None, description="Hub revision (commit/tag) of base_model.")
+    vae: str | None = Field(
+        None,
+        description="A VAE instead of the base model's (hub id or local AutoencoderKL folder), e.g. "
+        "madebyollin/sdxl-vae-fp16-fix: the SDXL VAE overflows in fp16, so without one SDXL latents encode in "
+        "fp32.",
+    )
     model_family: Literal["auto", "sd15", "sdxl"] = Field(
         "auto",
         description="The base model's family: 'auto' reads it from the model's UNet config (SDXL: "
@@ -534,6 +545,18 @@ class PipelineConfig(_Strict):
     source_path: Path | None = Field(None, exclude=True, description="The YAML file this came from.")
 
     @model_validator(mode="after")
+    def _resolution_of_the_family(self) -> PipelineConfig:
+        # dataset.resolution unset: the base model family's native size (SD1.5 512, SDXL 1024) where the
+        # family can be known from the config (core/families.py: family_hint); 512 otherwise.
+        if "resolution" not in self.dataset.model_fields_set:
+            from shoe_lora_pipeline.core.families import family_hint
+
+            family = family_hint(self.training.base_model, self.training.model_family, self.training.revision)
+            if family is not None and family.default_resolution != self.dataset.resolution:
+                self.dataset.resolution = family.default_resolution
+        return self
+
+    @model_validator(mode="after")
     def _categories_are_distinct(self) -> PipelineConfig:
         names = [self.dataset.name, *self.categories]
         if len(set(names)) != len(names):
@@ -612,6 +635,7 @@ class PipelineConfig(_Strict):
         family = family or (None if self.training.model_family == "auto" else self.training.model_family)
         cadence = {
             "model_family",  # hashed below as the resolved family
+            "vae",  # hashed below when set (a run without one keeps the hash it had before the option)
             "validation_steps",
             "checkpointing_steps",
             "checkpoints_total_limit",
@@ -640,6 +664,8 @@ class PipelineConfig(_Strict):
         payload["resolution"] = self.dataset.resolution
         if family is not None and family != "sd15":
             payload["model_family"] = family
+        if self.training.vae is not None:
+            payload["vae"] = self.training.vae
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

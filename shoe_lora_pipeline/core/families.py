@@ -141,3 +141,31 @@ def resolve_family(found: ModelFamily, insisted: str, where: str = "the base mod
             f"set training.model_family to {found.name!r} or 'auto', or pick a {wanted.title} base model"
         )
     return found
+
+
+def family_hint(base_model: str, model_family: str = "auto", revision: str | None = None) -> ModelFamily | None:
+    """The family of ``training.base_model`` where it can be known without loading the model (for
+    defaults such as the resolution): the insisted one, the built-in models, a local folder's UNet config,
+    or the hub cache's copy of it. None when it cannot be known yet (a hub id not downloaded)."""
+    from shoe_lora_pipeline.core import models
+
+    if model_family != "auto":
+        return family_named(model_family)
+    known = {models.TINY_SD: SD15, models.TINY_SHOES: SD15, models.SD15_HUB_ID: SD15}
+    known |= {models.TINY_SDXL: SDXL, models.SDXL_HUB_ID: SDXL}
+    if base_model in known:
+        return known[base_model]
+    folder = Path(base_model).expanduser()
+    try:
+        if folder.is_dir():
+            return family_of_folder(folder)
+        if folder.is_absolute() or base_model.startswith((".", "~")):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base_model, "unet/config.json", revision=revision)
+        if isinstance(cached, str):
+            return family_of_unet_config(json.loads(Path(cached).read_text()))
+    except (ModelFamilyError, OSError, ValueError):
+        return None
+    return None

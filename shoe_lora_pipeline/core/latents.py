@@ -7,7 +7,15 @@ For each (image, caption) of ``{dataset}/train`` we store three float32 tensors:
 * ``mean`` and ``std`` of the VAE's ``latent_dist`` (a diagonal Gaussian), **unscaled** — exactly what
   ``vae.encode(pixels).latent_dist`` returns;
 * ``text``: the CLIP text embedding ``text_encoder(input_ids)[0]`` (padding to the tokenizer's
-  ``model_max_length``, truncated), shape ``[77, D]``.
+  ``model_max_length``, truncated), shape ``[77, D]``. For SDXL (``SDComponents.family``) it is both text
+  encoders' penultimate hidden states side by side, ``[77, D1 + D2]``, and a fourth tensor ``pooled`` holds
+  the second encoder's pooled (projected) embedding ``[P]`` — what ``StableDiffusionXLPipeline.encode_prompt``
+  computes.
+
+SDXL's size conditioning (``time_ids``: original size, crop top-left, target size) is not cached: it is
+read from captions.json (``metadata.original_size``) each time the cache is loaded (:func:`size_time_ids`).
+The SDXL VAE overflows in fp16, so it encodes in fp32 unless the base model was loaded with a fixed VAE
+(``training.vae``); the report's notes say which.
 
 Training then draws ``latents = scaling_factor * (mean + std * eps)`` with ``eps`` from the training run's own
 seeded generator (see ``training.sample_latents``). That keeps the VAE *sampling* the reference trainer does
@@ -22,7 +30,7 @@ Layout of ``cache_dir``
 ``<key>/std``, ``<key>/text``) and ``index.json``::
 
     {"version": 1, "resolution": 512, "scaling_factor": 0.18215, "base_model": {...identity...},
-     "latent_shape": [4, 64, 64], "embedding_shape": [77, 768],
+     "latent_shape": [4, 64, 64], "embedding_shape": [77, 768], ("pooled_shape": [1280] for SDXL)
      "items": {"<key>": {"shard": "shard-00000.safetensors", "image_file": "10001.png",
                          "caption": "...", "image_sha256": "..."}}}
 
@@ -53,6 +61,7 @@ from safetensors.torch import save_file
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.fsutil import atomic_write_file, atomic_write_text, fsync_dir
 from shoe_lora_pipeline.core.manifest import file_sha256
+from shoe_lora_pipeline.core.normalise import crop_offset
 
 if TYPE_CHECKING:
     from shoe_lora_pipeline.core.models import SDComponents
@@ -98,6 +107,8 @@ class LatentDataset:
     std: torch.Tensor  # [N, 4, h, w], unscaled
     text_embeddings: torch.Tensor  # [N, 77, D]
     scaling_factor: float
+    pooled_embeddings: torch.Tensor | None = None  # [N, P]: SDXL's pooled text embedding
+    metadata: list[dict[str, Any]] = field(default_factory=list)  # captions.json metadata, same order
 
     def __len__(self) -> int:
         return len(self.image_files)
@@ -151,18 +162,85 @@ def encode_images(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return dist.mean.float(), dist.std.float()
 
 
-@torch.no_grad()
-def encode_captions(tokenizer: Any, text_encoder: Any, captions: list[str]) -> torch.Tensor:
-    """CLIP text embeddings ``text_encoder(input_ids)[0]`` [B, 77, D], float32, on the encoder's device."""
-    ids = tokenizer(
+def token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """Token ids [B, model_max_length]: padded to the tokenizer's context, longer captions truncated."""
+    return tokenizer(
         list(captions),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+@torch.no_grad()
+def encode_captions(tokenizer: Any, text_encoder: Any, captions: list[str]) -> torch.Tensor:
+    """CLIP text embeddings ``text_encoder(input_ids)[0]`` [B, 77, D], float32, on the encoder's device."""
+    ids = token_ids(tokenizer, captions)
     device = next(text_encoder.parameters()).device
     return text_encoder(ids.to(device), return_dict=False)[0].float()
+
+
+@torch.no_grad()
+def encode_text(components: SDComponents, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's text input for ``captions`` as the family defines it: (hidden states [B, 77, D], pooled
+    [B, P] or None), float32, on the (first) text encoder's device.
+
+    SD1.5: the text encoder's last hidden state (:func:`encode_captions`), no pooled embedding. SDXL: each
+    encoder's penultimate hidden state, concatenated, and the pooled (projected) output of the second — as
+    ``StableDiffusionXLPipeline.encode_prompt`` computes them without clip skip.
+    """
+    if not components.family.uses_added_conditions:
+        return encode_captions(components.tokenizer, components.text_encoder, captions), None
+    hidden, pooled = [], None
+    device = next(components.text_encoder.parameters()).device
+    for tokenizer, text_encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+        ids = token_ids(tokenizer, captions)
+        out = text_encoder(ids.to(next(text_encoder.parameters()).device), output_hidden_states=True)
+        pooled = out[0].float().to(device)  # the last encoder's (the one with projection) is kept
+        hidden.append(out.hidden_states[-2].float().to(device))
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def size_time_ids(metadata: dict[str, Any], resolution: int, resize_policy: str) -> list[int]:
+    """SDXL's size conditioning of one training image: original (height, width), crop (top, left), target
+    (height, width) — diffusers' ``compute_time_ids`` order.
+
+    The original size is captions.json's ``metadata.original_size`` ([w, h]); the crop top-left is
+    ``metadata.crop_top_left`` ([top, left]) when an entry states it, else the offset the cleaning stage's
+    ``resize_policy`` took: (0, 0) for pad, the centre crop's for crop (``normalise.crop_offset``).
+    """
+    width, height = (int(v) for v in metadata["original_size"])
+    stated = metadata.get("crop_top_left")
+    if stated is not None:
+        top, left = (int(v) for v in stated)
+    else:
+        top, left = crop_offset((width, height), resolution, resize_policy)
+    return [height, width, top, left, int(resolution), int(resolution)]
+
+
+def check_resolution(resolution: int, components: SDComponents) -> None:
+    """The image side must be a multiple of the VAE's downsampling factor (latents are 1/f of it)."""
+    factor = components.vae_scale_factor
+    if resolution % factor:
+        raise ValueError(
+            f"dataset.resolution = {resolution} is not divisible by {factor}, the VAE factor of this "
+            f"{components.family.title} model (latents are 1/{factor} of the image side): use "
+            f"{resolution // factor * factor} or {(resolution // factor + 1) * factor}"
+        )
+
+
+def vae_encoding_dtype(components: SDComponents, dtype: torch.dtype) -> tuple[torch.dtype, str | None]:
+    """The dtype the VAE encodes in, and a note saying why when it is not ``dtype``/is forced to fp32.
+
+    The SDXL VAE overflows in fp16 (NaN latents): it encodes in fp32 unless a fixed VAE was configured
+    (``training.vae``, recorded in the base model identity)."""
+    if components.family.vae_needs_fp32 and not components.identity.get("vae"):
+        return torch.float32, (
+            f"VAE encodes in fp32: the {components.family.title} VAE overflows in fp16 "
+            "(set training.vae to an fp16-fixed VAE, e.g. madebyollin/sdxl-vae-fp16-fix, to encode in half precision)"
+        )
+    return dtype, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +275,7 @@ def _train_items(train_dir: Path) -> list[dict[str, Any]]:
             {
                 "image_file": e["image_file"],
                 "caption": e["caption"],
+                "metadata": e["metadata"],
                 "path": path,
                 "sha256": file_sha256(path),
             }
@@ -214,21 +293,23 @@ def _shard_number(name: str) -> int | None:
 
 def _encode_shard(
     components: SDComponents, items: list[dict[str, Any]], path: Path, resolution: int, batch_size: int
-) -> tuple[dict[str, dict[str, Any]], tuple[list[int], list[int]]]:
-    """Encode ``items`` (VAE mean/std, CLIP embedding) into one safetensors shard at ``path``, written
-    atomically; returns their index entries and the (latent, embedding) shapes."""
+) -> tuple[dict[str, dict[str, Any]], tuple[list[int], list[int], list[int] | None]]:
+    """Encode ``items`` (VAE mean/std, text embedding, SDXL's pooled embedding) into one safetensors shard
+    at ``path``, written atomically; returns their index entries and the (latent, embedding, pooled) shapes."""
     tensors: dict[str, torch.Tensor] = {}
-    shapes: tuple[list[int], list[int]] = ([], [])
+    shapes: tuple[list[int], list[int], list[int] | None] = ([], [], None)
     for b in range(0, len(items), batch_size):
         batch = items[b : b + batch_size]
         pixels = torch.stack([load_image_tensor(it["path"], resolution) for it in batch])
         mean, std = encode_images(components.vae, pixels)
-        text = encode_captions(components.tokenizer, components.text_encoder, [it["caption"] for it in batch])
+        text, pooled = encode_text(components, [it["caption"] for it in batch])
         for i, it in enumerate(batch):
             tensors[f"{it['key']}/mean"] = mean[i].cpu().contiguous()
             tensors[f"{it['key']}/std"] = std[i].cpu().contiguous()
             tensors[f"{it['key']}/text"] = text[i].cpu().contiguous()
-        shapes = (list(mean.shape[1:]), list(text.shape[1:]))
+            if pooled is not None:
+                tensors[f"{it['key']}/pooled"] = pooled[i].cpu().contiguous()
+        shapes = (list(mean.shape[1:]), list(text.shape[1:]), None if pooled is None else list(pooled.shape[1:]))
     meta = {"format": "pt", "version": str(INDEX_VERSION)}
     atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     entries = {
@@ -260,9 +341,11 @@ def cache_latents(
 ) -> LatentCacheReport:
     """Encode the train set's images (VAE mean/std) and captions (CLIP) into ``cache_dir``; incremental.
 
-    ``components`` is an :class:`~shoe_lora_pipeline.core.models.SDComponents`. The VAE and text encoder
-    are moved to ``device``/``dtype`` only while encoding and put back where they were afterwards.
+    ``components`` is an :class:`~shoe_lora_pipeline.core.models.SDComponents`. The VAE and text encoder(s)
+    are moved to ``device``/``dtype`` only while encoding and put back where they were afterwards (the
+    SDXL VAE to fp32: :func:`vae_encoding_dtype`).
     """
+    check_resolution(resolution, components)
     start = time.perf_counter()
     train_dir, cache_dir = Path(train_dir), Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -287,14 +370,17 @@ def cache_latents(
     new_entries: dict[str, dict[str, Any]] = {}
     latent_shape = old.get("latent_shape")
     embedding_shape = old.get("embedding_shape")
+    pooled_shape = old.get("pooled_shape")
+    vae_dtype, vae_note = vae_encoding_dtype(components, dtype)
+    notes = [vae_note] if vae_note else []
     if todo:
         used_numbers = [n for n in (_shard_number(s) for s in live_shards) if n is not None]
         next_shard = max(used_numbers, default=-1) + 1
-        vae, text_encoder = components.vae, components.text_encoder
+        modules = [components.vae, *components.text_encoders]
         # Remember (device, dtype) as values: module.to() changes parameters in place.
-        homes = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in (vae, text_encoder)]
+        homes = [(m, next(m.parameters()).device, next(m.parameters()).dtype) for m in modules]
         for module, _, _ in homes:
-            move_module(module, device, dtype)
+            move_module(module, device, vae_dtype if module is components.vae else dtype)
         try:
             for shard_start in range(0, len(todo), SHARD_SIZE):
                 shard_name = f"{SHARD_PREFIX}{next_shard:05d}{SHARD_SUFFIX}"
@@ -307,7 +393,7 @@ def cache_latents(
                     batch_size,
                 )
                 new_entries.update(entries)
-                latent_shape, embedding_shape = shapes
+                latent_shape, embedding_shape, pooled_shape = shapes
         finally:
             for module, home_device, home_dtype in homes:
                 move_module(module, home_device, home_dtype)
@@ -326,6 +412,8 @@ def cache_latents(
         "base_model": components.identity,
         "latent_shape": latent_shape,
         "embedding_shape": embedding_shape,
+        # SDXL only, so an SD1.5 index stays byte for byte what it was before families existed.
+        **({"pooled_shape": pooled_shape} if components.family.uses_added_conditions else {}),
         "items": dict(sorted(index_items.items())),
     }
     index_path = cache_dir / INDEX_NAME
@@ -358,6 +446,7 @@ def cache_latents(
         embedding_shape=list(embedding_shape or []),
         scaling_factor=scaling_factor,
         bytes_on_disk=size,
+        notes=notes,
     )
 
 
@@ -402,6 +491,8 @@ def load_latent_dataset(
 
     n = len(items)
     mean = std = text = None
+    with_pooled = "pooled_shape" in index
+    pooled = torch.empty((n, *index["pooled_shape"]), dtype=torch.float32) if with_pooled else None
     for shard, wanted in by_shard.items():
         path = cache_dir / shard
         if not path.is_file():
@@ -414,6 +505,8 @@ def load_latent_dataset(
                     std = torch.empty((n, *s.shape), dtype=torch.float32)
                     text = torch.empty((n, *t.shape), dtype=torch.float32)
                 mean[pos], std[pos], text[pos] = m, s, t
+                if pooled is not None:
+                    pooled[pos] = f.get_tensor(f"{key}/pooled")
     if mean is None or std is None or text is None:
         raise LatentCacheError(f"the train set in {train_dir} is empty; nothing to train on")
     return LatentDataset(
@@ -423,4 +516,6 @@ def load_latent_dataset(
         std=std,
         text_embeddings=text,
         scaling_factor=float(index["scaling_factor"]),
+        pooled_embeddings=pooled,
+        metadata=[it["metadata"] for it in items],
     )

@@ -559,8 +559,33 @@ def resolve_base_model(base_model: str, revision: str | None = None, cache_dir: 
         ) from None
 
 
-def base_model_identity(base_model: str, folder: Path, revision: str | None = None) -> dict[str, Any]:
-    """What an auditor needs to know which base model a LoRA was trained on."""
+def resolve_vae(vae: str) -> Path:
+    """Local folder of a separately configured VAE (``training.vae``): a folder holding an AutoencoderKL's
+    config.json and safetensors, or a hub id in the local hub cache (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    candidate = Path(vae).expanduser()
+    if candidate.is_dir() or candidate.is_absolute() or vae.startswith((".", "~")):
+        if not (candidate / "config.json").is_file():
+            raise BaseModelError(
+                f"training.vae = {vae!r}: no AutoencoderKL folder there (config.json missing); save one with "
+                "AutoencoderKL.save_pretrained"
+            )
+        return candidate
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(vae, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several unrelated types for "not here"
+        raise BaseModelError(
+            f"training.vae = {vae!r}: not in the local hub cache ({type(exc).__name__}: {exc}); download it on "
+            f"a machine with network access (`huggingface-cli download {vae}`) or set a local folder"
+        ) from None
+
+
+def base_model_identity(
+    base_model: str, folder: Path, revision: str | None = None, vae: str | None = None
+) -> dict[str, Any]:
+    """What an auditor needs to know which base model a LoRA was trained on (and the VAE that replaced
+    its own, ``training.vae``: its fingerprint is then part of the base model's)."""
     ident: dict[str, Any] = {"base_model": base_model, "path": str(folder)}
     if base_model == TINY_SD:
         ident["revision"] = f"tiny-sd-v{TINY_SD_VERSION}"
@@ -577,6 +602,11 @@ def base_model_identity(base_model: str, folder: Path, revision: str | None = No
     # SD1.5 identities stay as they were recorded before families existed; other families say theirs.
     if (folder / "unet" / "config.json").is_file() and (family := family_of_folder(folder)) is not SD15:
         ident["family"] = family.name
+    if vae:
+        vae_folder = resolve_vae(vae)
+        vae_fingerprint = _folder_fingerprint(vae_folder)
+        ident["vae"] = {"vae": vae, "path": str(vae_folder), "fingerprint": vae_fingerprint}
+        ident["fingerprint"] = hashlib.sha256(f"{ident['fingerprint']}+vae:{vae_fingerprint}".encode()).hexdigest()
     return ident
 
 
@@ -586,11 +616,14 @@ def load_base_model(
     cache_dir: Path | None = None,
     dtype: torch.dtype = torch.float32,
     model_family: str = "auto",
+    vae: str | None = None,
 ) -> SDComponents:
     """Load the tokenizer(s), text encoder(s), VAE, UNet and scheduler from safetensors; frozen, in eval mode.
 
     The family (SD1.5 or SDXL) is read from the model folder; ``model_family`` (``training.model_family``)
     may insist on one, and a model of the other family is then an error naming the key and what was found.
+    ``vae`` (``training.vae``) replaces the model's VAE, e.g. an fp16-fixed SDXL VAE; the identity then
+    records it and its fingerprint is part of the base model's (latent caches are keyed by it).
     """
     import diffusers
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -608,7 +641,13 @@ def load_base_model(
             )
             for i, sub in enumerate(family.text_encoder_subfolders)
         ]
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        vae_folder = resolve_vae(vae) if vae else None
+        autoencoder = AutoencoderKL.from_pretrained(
+            *((vae_folder,) if vae_folder else (folder,)),
+            **({} if vae_folder else {"subfolder": "vae"}),
+            use_safetensors=True,
+            torch_dtype=dtype,
+        )
         unet = UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype
         )
@@ -624,16 +663,16 @@ def load_base_model(
         raise BaseModelError(
             f"base model folder {folder} is incomplete or not in safetensors format: {exc}"
         ) from None
-    if base_model == TINY_SHOES:
-        _check_all_weights_loaded(folder, {"text_encoder": text_encoders[0], "vae": vae, "unet": unet})
-    for module in (*text_encoders, vae, unet):
+    if base_model == TINY_SHOES and vae_folder is None:
+        _check_all_weights_loaded(folder, {"text_encoder": text_encoders[0], "vae": autoencoder, "unet": unet})
+    for module in (*text_encoders, autoencoder, unet):
         module.requires_grad_(False)
         module.eval()
-    identity = base_model_identity(base_model, folder, revision)
+    identity = base_model_identity(base_model, folder, revision, vae)
     return SDComponents(
         tokenizer=tokenizers[0],
         text_encoder=text_encoders[0],
-        vae=vae,
+        vae=autoencoder,
         unet=unet,
         scheduler=scheduler,
         identity=identity,

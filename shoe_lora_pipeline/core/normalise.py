@@ -341,6 +341,20 @@ def target_size(size: tuple[float, float], resolution: int, policy: str) -> tupl
     raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {policy!r}")
 
 
+def crop_top_left(resized_size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(top, left) of the centre crop that ``crop`` takes from an image resized to ``resized_size``."""
+    return (resized_size[1] - resolution) // 2, (resized_size[0] - resolution) // 2
+
+
+def crop_offset(original_size: tuple[int, int], resolution: int, policy: str) -> tuple[int, int]:
+    """(top, left) of the cleaned square within the resized photo, from the photo's original (width,
+    height): (0, 0) for ``pad`` (nothing is cut), the centre crop's offset for ``crop``. SDXL's size
+    conditioning (``crops_coords_top_left``) takes it."""
+    if policy == "pad":
+        return 0, 0
+    return crop_top_left(target_size(original_size, resolution, policy), resolution)
+
+
 def fit_square(img: Image.Image, resolution: int, policy: str, box: Box | None = None) -> Image.Image:
     """Resize to ``resolution`` x ``resolution``.
 
@@ -361,7 +375,7 @@ def fit_square(img: Image.Image, resolution: int, policy: str, box: Box | None =
         canvas = Image.new("RGB", (resolution, resolution), WHITE)
         canvas.paste(resized, ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
         return canvas
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    top, left = crop_top_left(size, resolution)
     out = resized.crop((left, top, left + resolution, top + resolution))
     out.info = {}  # no metadata (EXIF, ICC, dpi) from the raw file leaks into the output
     return out

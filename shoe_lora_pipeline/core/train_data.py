@@ -28,10 +28,11 @@ import torch
 from shoe_lora_pipeline.core.captions import read_captions_json
 from shoe_lora_pipeline.core.fsutil import file_sha256
 from shoe_lora_pipeline.core.latents import (
-    encode_captions,
     encode_images,
+    encode_text,
     load_image_tensor,
     load_latent_dataset,
+    size_time_ids,
 )
 
 if TYPE_CHECKING:
@@ -222,6 +223,25 @@ class StepPlan:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class SourceBatch:
+    """What a source gives for some train items: the VAE latent distribution and the UNet's conditions."""
+
+    mean: torch.Tensor  # [b, C, h, w] unscaled
+    std: torch.Tensor
+    text: torch.Tensor  # [b, 77, D] hidden states the UNet cross-attends to
+    pooled: torch.Tensor | None = None  # [b, P] SDXL: pooled text embedding (added condition)
+    time_ids: torch.Tensor | None = None  # [b, 6] SDXL: original size, crop top-left, target size
+
+
+def size_conditioning(
+    metadata: list[dict[str, object]], resolution: int, resize_policy: str, device: torch.device
+) -> torch.Tensor:
+    """SDXL ``time_ids`` [N, 6] of a split's images, from their captions.json metadata (float32)."""
+    rows = [size_time_ids(m, resolution, resize_policy) for m in metadata]  # type: ignore[arg-type]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
 class CachedSource:
     """Items from the latent cache, loaded once; on an accelerator the whole cache can live on the device
     (``on_device``) so no host-to-device copy or DataLoader sits in the loop."""
@@ -235,6 +255,7 @@ class CachedSource:
         device: torch.device,
         *,
         on_device: bool = False,
+        resize_policy: str = "pad",
     ) -> None:
         ds = load_latent_dataset(
             latents_dir, split_dir, base_fingerprint=base_fingerprint, resolution=resolution
@@ -242,6 +263,11 @@ class CachedSource:
         self.image_files, self.device = ds.image_files, device
         home = device if on_device else torch.device("cpu")
         self.mean, self.std, self.text = (t.to(home) for t in (ds.mean, ds.std, ds.text_embeddings))
+        # SDXL caches hold the pooled embedding; the size conditioning comes from captions.json.
+        self.pooled = self.time_ids = None
+        if ds.pooled_embeddings is not None:
+            self.pooled = ds.pooled_embeddings.to(home)
+            self.time_ids = size_conditioning(ds.metadata, resolution, resize_policy, home)
 
     def __len__(self) -> int:
         return len(self.image_files)
@@ -250,24 +276,40 @@ class CachedSource:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.mean.shape[1:])
 
-    def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def get(self, indices: list[int]) -> SourceBatch:
         idx = torch.tensor(indices, device=self.mean.device)
-        return (
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx].to(self.device, non_blocking=True)
+
+        return SourceBatch(
             self.mean[idx].to(self.device, non_blocking=True),
             self.std[idx].to(self.device, non_blocking=True),
             self.text[idx].to(self.device, non_blocking=True),
+            take(self.pooled),
+            take(self.time_ids),
         )
 
 
 class OnTheFlySource:
-    """Encodes each micro-batch with the frozen VAE and text encoder (``training.cache_latents: false``)."""
+    """Encodes each micro-batch with the frozen VAE and text encoder(s) (``training.cache_latents: false``)."""
 
-    def __init__(self, components: SDComponents, split_dir: Path, resolution: int, device: torch.device):
+    def __init__(
+        self,
+        components: SDComponents,
+        split_dir: Path,
+        resolution: int,
+        device: torch.device,
+        resize_policy: str = "pad",
+    ):
         entries = read_captions_json(split_dir / "captions.json")
         self.image_files = [e["image_file"] for e in entries]
         self.captions = [e["caption"] for e in entries]
         self.paths = [split_dir / "images" / f for f in self.image_files]
         self.components, self.resolution, self.device = components, resolution, device
+        self.time_ids = None
+        if components.family.uses_added_conditions:
+            self.time_ids = size_conditioning([e["metadata"] for e in entries], resolution, resize_policy, device)
 
     def __len__(self) -> int:
         return len(self.image_files)
@@ -278,13 +320,12 @@ class OnTheFlySource:
         side = self.resolution // factor
         return (int(self.components.vae.config.latent_channels), side, side)
 
-    def get(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def get(self, indices: list[int]) -> SourceBatch:
         pixels = torch.stack([load_image_tensor(self.paths[i], self.resolution) for i in indices])
         mean, std = encode_images(self.components.vae, pixels)
-        text = encode_captions(
-            self.components.tokenizer, self.components.text_encoder, [self.captions[i] for i in indices]
-        )
-        return mean, std, text
+        text, pooled = encode_text(self.components, [self.captions[i] for i in indices])
+        time_ids = None if self.time_ids is None else self.time_ids[torch.tensor(indices, device=self.device)]
+        return SourceBatch(mean, std, text, pooled, time_ids)
 
 
 Source = CachedSource | OnTheFlySource

@@ -15,7 +15,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -93,6 +93,23 @@ def mfu(
     )
 
 
+def dummy_added_conditions(
+    config: Any, batch: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``added_cond_kwargs`` of zeros for a UNet with SDXL's ``text_time`` added conditions (pooled text
+    embedding + 6 time_ids), as keyword arguments of its forward; empty for any other UNet."""
+    if getattr(config, "addition_embed_type", None) != "text_time":
+        return {}
+    time_ids = 6
+    pooled = int(config.projection_class_embeddings_input_dim) - time_ids * int(config.addition_time_embed_dim)
+    return {
+        "added_cond_kwargs": {
+            "text_embeds": torch.zeros((batch, pooled), device=device, dtype=dtype),
+            "time_ids": torch.zeros((batch, time_ids), device=device, dtype=dtype),
+        }
+    }
+
+
 def training_flops_per_image(
     unet: torch.nn.Module, lora_settings: dict[str, object], latent_shape: tuple[int, ...]
 ) -> float:
@@ -111,7 +128,8 @@ def training_flops_per_image(
     text = torch.zeros((1, 77, int(config.cross_attention_dim)), device="meta")
     timestep = torch.zeros((1,), dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as counter:
-        out = ghost(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        extra = dummy_added_conditions(config, 1, "meta")
+        out = ghost(sample, timestep, encoder_hidden_states=text, return_dict=False, **extra)[0]
         out.float().square().mean().backward()
     return float(counter.get_total_flops())
 
@@ -184,7 +202,8 @@ def cuda_fit_probe(
                 x = torch.zeros((micro, *latent_shape), device=device, dtype=dtype)
                 t = torch.full((micro,), 500, device=device, dtype=torch.long)
                 text = torch.zeros((micro, *text_shape), device=device, dtype=dtype)
-                out = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+                extra = dummy_added_conditions(unet.config, micro, device, dtype)
+                out = unet(x, t, encoder_hidden_states=text, return_dict=False, **extra)[0]
                 out.float().square().mean().backward()
                 torch.cuda.synchronize(device)
             ok = torch.cuda.max_memory_allocated(device) <= headroom * total

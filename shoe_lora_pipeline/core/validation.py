@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from shoe_lora_pipeline.core.display import UI_IMAGE_SIDE
 from shoe_lora_pipeline.core.fsutil import atomic_save_png
-from shoe_lora_pipeline.core.latents import encode_captions
+from shoe_lora_pipeline.core.latents import encode_text
 
 if TYPE_CHECKING:
     from shoe_lora_pipeline.core.models import SDComponents
@@ -40,7 +40,23 @@ MAX_GRID_CELL = 256  # px; keeps a 4×4 grid of 512px images around 1 MB
 class ValidationPrompts:
     prompts: list[str]
     embeddings: torch.Tensor  # [P, 77, D], CPU
-    negative: torch.Tensor  # [1, 77, D], CPU: the empty prompt, for classifier-free guidance
+    negative: torch.Tensor  # [1, 77, D], CPU: the unconditional input of classifier-free guidance
+    empty: torch.Tensor  # [1, 77, D], CPU: the empty caption (caption dropout trains with it)
+    # SDXL: the pooled embeddings of the prompts [P, P'], of the unconditional input and of "" [1, P'].
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    empty_pooled: torch.Tensor | None = None
+
+    def pipeline_inputs(self, index: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The embeddings of prompt ``index`` as the family's pipeline takes them."""
+        inputs = {
+            "prompt_embeds": self.embeddings[index : index + 1].to(device, dtype),
+            "negative_prompt_embeds": self.negative.to(device, dtype),
+        }
+        if self.pooled is not None and self.negative_pooled is not None:
+            inputs["pooled_prompt_embeds"] = self.pooled[index : index + 1].to(device, dtype)
+            inputs["negative_pooled_prompt_embeds"] = self.negative_pooled.to(device, dtype)
+        return inputs
 
 
 @dataclass
@@ -95,10 +111,28 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 def encode_validation_prompts(
     components: SDComponents, prompts: list[str], device: torch.device
 ) -> ValidationPrompts:
-    """CLIP embeddings of the prompts and of "" (the unconditional input), computed once."""
-    with on_device(components.text_encoder, device):
-        emb = encode_captions(components.tokenizer, components.text_encoder, list(prompts) + [""]).cpu()
-    return ValidationPrompts(prompts=list(prompts), embeddings=emb[:-1], negative=emb[-1:])
+    """CLIP embeddings of the prompts and of "" (the empty caption), computed once.
+
+    The unconditional input is what the family's pipeline uses for an absent negative prompt: the empty
+    caption's embedding for SD1.5; zeros for SDXL (``force_zeros_for_empty_prompt``), so validation images
+    are made as ``StableDiffusionXLPipeline`` makes them from a prompt."""
+    with contextlib.ExitStack() as stack:
+        for text_encoder in components.text_encoders:
+            stack.enter_context(on_device(text_encoder, device))
+        emb, pooled = encode_text(components, list(prompts) + [""])
+    emb = emb.cpu()
+    if pooled is None:
+        return ValidationPrompts(prompts=list(prompts), embeddings=emb[:-1], negative=emb[-1:], empty=emb[-1:])
+    pooled = pooled.cpu()
+    return ValidationPrompts(
+        prompts=list(prompts),
+        embeddings=emb[:-1],
+        negative=torch.zeros_like(emb[-1:]),
+        empty=emb[-1:],
+        pooled=pooled[:-1],
+        negative_pooled=torch.zeros_like(pooled[-1:]),
+        empty_pooled=pooled[-1:],
+    )
 
 
 def _label_font(size: int = 12) -> ImageFont.ImageFont:
@@ -163,6 +197,19 @@ def make_grid(rows: list[list[Image.Image]], labels: list[str], title: str) -> I
     return grid
 
 
+def decode_fp32(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """Decode a pipeline's latents with its VAE in fp32, outside any autocast (the SDXL VAE overflows in fp16)."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        home = next(vae.parameters()).dtype
+        vae.to(dtype=torch.float32)
+        try:
+            image = vae.decode(latents.float() / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            vae.to(dtype=home)
+    return pipe.image_processor.postprocess(image, output_type="pil")
+
+
 def run_validation(
     unet: torch.nn.Module,
     components: SDComponents,
@@ -189,6 +236,7 @@ def run_validation(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(components.text_encoder.parameters()).dtype  # the pipeline casts embeddings to this
+    fp32_decode = components.family.vae_needs_fp32 and dtype != torch.float32
     was_training = unet.training
     rows: list[list[Image.Image]] = []
     paths: list[Path] = []
@@ -205,15 +253,18 @@ def run_validation(
                     torch.Generator("cpu").manual_seed(validation_seed(seed, p, i)) for i in range(num_images)
                 ]
                 images = pipe(
-                    prompt_embeds=prompts.embeddings[p : p + 1].to(device, dtype),
-                    negative_prompt_embeds=prompts.negative.to(device, dtype),
+                    **prompts.pipeline_inputs(p, device, dtype),
                     num_images_per_prompt=num_images,
                     generator=generators,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     height=resolution,
                     width=resolution,
+                    # A VAE that overflows in fp16 decodes outside the autocast, in fp32.
+                    output_type="latent" if fp32_decode else "pil",
                 ).images
+                if fp32_decode:
+                    images = decode_fp32(pipe, images)
                 rows.append(images)
                 for i, img in enumerate(images):
                     path = out_dir / f"epoch{epoch:03d}_step{step:05d}_prompt{p}_img{i}.png"

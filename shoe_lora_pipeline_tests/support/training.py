@@ -160,3 +160,9 @@ def assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differing, f"{len(differing)} LoRA tensors differ, e.g. {differing[:3]}"
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest ‖a − b‖ / ‖b‖ over the LoRA tensors (runs that differ only in float summation order)."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)

@@ -61,11 +61,11 @@ def test_caption_dropout_trains_on_the_empty_caption(load_components):
             seen["text"] = encoder_hidden_states
             return (torch.zeros_like(sample),)
 
-    from shoe_lora_pipeline.core.train_data import MicroBatch
+    from shoe_lora_pipeline.core.train_data import MicroBatch, SourceBatch
 
     class Source:
         def get(self, items):
-            return torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), torch.ones(2, 3, 5)
+            return SourceBatch(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), torch.ones(2, 3, 5))
 
     drawn = torch.tensor([True, False])
     batch = MicroBatch(

@@ -41,17 +41,12 @@ from shoe_lora_pipeline_tests.support.training import (
     cpu,
     lora_tensors,
     make_cfg,
+    relative_difference,
 )
 
 pytestmark = pytest.mark.slow
 
 TWO_PROCESSES = ["training.launcher=accelerate", "training.num_processes=2"]
-
-
-def relative_difference(a: dict, b: dict) -> float:
-    """The largest ‖a − b‖ / ‖b‖ over the LoRA tensors (as in test_training)."""
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
 
 
 def shared_data_config(root: Path, dataset: dict[str, Any]) -> tuple[PipelineConfig, Path]:

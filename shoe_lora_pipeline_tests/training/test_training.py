@@ -18,6 +18,7 @@ from shoe_lora_pipeline_tests.support.training import (
     cpu,
     lora_tensors,
     make_cfg,
+    relative_difference,
     run_training,
 )
 
@@ -230,12 +231,6 @@ def test_max_steps_this_run_stops_early_without_extra_checkpoint(tmp_path, load_
     result = run_training(cfg, load_components(), dataset, max_steps_this_run=1)
     assert (result.global_step, result.steps_this_run, result.checkpoint_dir) == (1, 1, None)
     assert not result.skipped and len(result.losses) == 1
-
-
-def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """The largest ‖a − b‖ / ‖b‖ over the LoRA tensors."""
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
 
 
 def test_micro_batch_size_does_not_change_the_lora(tmp_path, load_components, dataset):

@@ -203,7 +203,7 @@ def train_lora(
                 with accelerator.no_sync(unet) if i < len(batches) - 1 else contextlib.nullcontext():
                     per_sample = diffusion_loss(
                         unet, run.noise_scheduler, batch, run.source, run.empty_text, run.scaling_factor,
-                        run.weight_dtype, tcfg.snr_gamma, run.channels_last,
+                        run.weight_dtype, tcfg.snr_gamma, run.channels_last, run.empty_pooled,
                     )  # fmt: skip
                     loss = per_sample.sum() / plan.local_batch  # this micro-batch's share of the step mean
                     accelerator.backward(loss)

@@ -19,11 +19,7 @@ import torch.nn.functional as F
 
 from shoe_lora_pipeline.core.latents import move_module
 from shoe_lora_pipeline.core.models import lora_config
-from shoe_lora_pipeline.core.train_data import (
-    MicroBatch,
-    Source,
-    derived_seed,
-)
+from shoe_lora_pipeline.core.train_data import MicroBatch, Source, SourceBatch, derived_seed
 
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler
@@ -92,8 +88,10 @@ def denoising_mse(
     text: torch.Tensor,
     weight_dtype: torch.dtype,
     channels_last: bool = False,
+    added_conditions: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Per-sample MSE of the UNet's prediction against the target (noise or velocity), in fp32."""
+    """Per-sample MSE of the UNet's prediction against the target (noise or velocity), in fp32.
+    ``added_conditions``: SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``); None for SD1.5."""
     noisy = noise_scheduler.add_noise(latents, noisy_input_noise, timesteps).to(weight_dtype)
     if channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -101,7 +99,10 @@ def denoising_mse(
         target = noise
     else:  # "v_prediction" (checked before training starts)
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states=text.to(weight_dtype), return_dict=False)[0]
+    extra = {}
+    if added_conditions is not None:
+        extra["added_cond_kwargs"] = {k: v.to(weight_dtype) for k, v in added_conditions.items()}
+    pred = unet(noisy, timesteps, encoder_hidden_states=text.to(weight_dtype), return_dict=False, **extra)[0]
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
@@ -115,11 +116,16 @@ def diffusion_loss(
     weight_dtype: torch.dtype,
     snr_gamma: float | None = None,
     channels_last: bool = False,
+    empty_pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample losses of one micro-batch of the denoising objective (weighted by min-SNR-γ when set)."""
-    mean, std, text = source.get(batch.items)
-    text = torch.where(batch.drop_caption[:, None, None], empty_text.to(text.dtype), text)
-    latents = scaling_factor * (mean + std * batch.eps)
+    """Per-sample losses of one micro-batch of the denoising objective (weighted by min-SNR-γ when set).
+
+    A caption-dropout sample trains with the empty caption's embedding: for SDXL both encoders' hidden
+    states (``empty_text``) and the pooled one (``empty_pooled``); its size conditioning stays."""
+    got = source.get(batch.items)
+    drop = batch.drop_caption
+    text = torch.where(drop[:, None, None], empty_text.to(got.text.dtype), got.text)
+    latents = scaling_factor * (got.mean + got.std * batch.eps)
     losses = denoising_mse(
         unet,
         noise_scheduler,
@@ -130,10 +136,26 @@ def diffusion_loss(
         text,
         weight_dtype,
         channels_last,
+        added_conditions(got, drop, empty_pooled),
     )
     if snr_gamma is not None:
         losses = losses * min_snr_weights(noise_scheduler, batch.timesteps, snr_gamma)
     return losses
+
+
+def added_conditions(
+    got: SourceBatch, drop: torch.Tensor | None = None, empty_pooled: torch.Tensor | None = None
+) -> dict[str, torch.Tensor] | None:
+    """SDXL's ``added_cond_kwargs`` of a batch (pooled embedding, dropped where ``drop``; time_ids); None for
+    a family without added conditions."""
+    if got.pooled is None or got.time_ids is None:
+        return None
+    pooled = got.pooled
+    if drop is not None:
+        if empty_pooled is None:
+            raise ValueError("an SDXL batch needs the empty caption's pooled embedding for caption dropout")
+        pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype).reshape(1, -1), pooled)
+    return {"text_embeds": pooled, "time_ids": got.time_ids}
 
 
 @torch.no_grad()
@@ -158,14 +180,18 @@ def validation_loss(
     try:
         for start in range(0, len(source), batch_size):
             items = list(range(start, min(len(source), start + batch_size)))
-            mean, std, text = source.get(items)
+            got = source.get(items)
+            mean, std, text, conditions = got.mean, got.std, got.text, added_conditions(got)
             for k, t in enumerate(timesteps):
                 gens = [torch.Generator().manual_seed(derived_seed(seed, "val-loss", i, k)) for i in items]
                 eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(device)
                 noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(device)
                 latents = scaling_factor * (mean + std * eps)
                 t_batch = torch.full((len(items),), t, dtype=torch.long, device=device)
-                mse = denoising_mse(unet, noise_scheduler, latents, noise, noise, t_batch, text, weight_dtype)
+                mse = denoising_mse(
+                    unet, noise_scheduler, latents, noise, noise, t_batch, text, weight_dtype,
+                    added_conditions=conditions,
+                )  # fmt: skip
                 sums[k] += mse.double().sum()
     finally:
         unet.train(was_training)

@@ -18,7 +18,7 @@ from shoe_lora_pipeline.core import checkpoints as ckpt
 from shoe_lora_pipeline.core import run_artifacts as files
 from shoe_lora_pipeline.core import train_speed as speed
 from shoe_lora_pipeline.core.distributed import Ranks, on_main
-from shoe_lora_pipeline.core.latents import has_images, move_module
+from shoe_lora_pipeline.core.latents import check_resolution, has_images, move_module, vae_encoding_dtype
 from shoe_lora_pipeline.core.models import count_parameters
 from shoe_lora_pipeline.core.train_data import (
     CachedSource,
@@ -48,15 +48,21 @@ if TYPE_CHECKING:
 TRACKER_PROJECT = "shoe_lora"
 
 
-def recorded_training_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The settings written into each checkpoint, so a mismatch can name the key that changed."""
-    return {
+def recorded_training_config(cfg: PipelineConfig, family: str | None = None) -> dict[str, Any]:
+    """The settings written into each checkpoint, so a mismatch can name the key that changed;
+    ``model_family`` is the base model's resolved family when given (``SDComponents.family.name``)."""
+    recorded = {
         **cfg.training.model_dump(mode="json", exclude={"output_dir"}),
         "resolution": cfg.dataset.resolution,
     }
+    if family is not None:
+        recorded["model_family"] = family
+    return recorded
 
 
-def hash_relevant_differences(cfg: PipelineConfig, old_config: dict[str, Any] | None) -> list[str]:
+def hash_relevant_differences(
+    cfg: PipelineConfig, old_config: dict[str, Any] | None, family: str | None = None
+) -> list[str]:
     """Settings of a checkpoint's recorded training config that differ from ``cfg`` AND change its hash.
 
     Each differing key is put back to its old value on a copy of ``cfg``; if that changes
@@ -64,19 +70,24 @@ def hash_relevant_differences(cfg: PipelineConfig, old_config: dict[str, Any] | 
     """
     if not isinstance(old_config, dict):
         return []
-    now = recorded_training_config(cfg)
+    now = recorded_training_config(cfg, family)
     reasons = []
     for key in sorted(set(old_config) | set(now)):
         old, new = old_config.get(key, "<absent>"), now.get(key, "<absent>")
+        if key == "model_family":  # the resolved family; checkpoints from before families were SD1.5
+            old = old_config.get(key, "sd15")
         if old == new:
             continue
         probe = cfg.model_copy(deep=True)
         try:
-            if key == "resolution":
-                probe.dataset.resolution = old
+            if key == "model_family":
+                relevant = True  # another family never resumes (the hash includes it)
             else:
-                setattr(probe.training, key, old)
-            relevant = probe.training_hash() != cfg.training_hash()
+                if key == "resolution":
+                    probe.dataset.resolution = old
+                else:
+                    setattr(probe.training, key, old)
+                relevant = probe.training_hash() != cfg.training_hash()
         except (ValueError, TypeError, AttributeError):
             relevant = True  # a key this version does not know (or cannot take) changes results
         if relevant:
@@ -130,7 +141,8 @@ class Run:
     val_source: Source | None
     plan: StepPlan
     layout: speed.BatchLayout
-    empty_text: torch.Tensor
+    empty_text: torch.Tensor  # the empty caption's hidden states (caption dropout)
+    empty_pooled: torch.Tensor | None  # and its pooled embedding (SDXL)
     validation_prompts: ValidationPrompts
     weight_dtype: torch.dtype
     mixed_precision: str
@@ -154,6 +166,7 @@ def _data_sources(
 ) -> tuple[Source, Source | None, str]:
     tcfg = cfg.training
     fingerprint = components.identity["fingerprint"]
+    policy = cfg.dataset.cleaning.resize_policy  # where SDXL's crop top-left comes from
     resident = device.type == "cuda" and tcfg.speed.data_on_device
     if tcfg.cache_latents:
         if dirs["latents_dir"] is None:
@@ -165,23 +178,26 @@ def _data_sources(
             cfg.dataset.resolution,
             device,
             on_device=resident,
+            resize_policy=policy,
         )
         info = f"cached in {dirs['latents_dir']} ({len(source)} items)" + (
             ", resident on the device" if resident else "; VAE/text encoder stay on the CPU"
         )
     else:
-        components.vae.to(device)
-        components.text_encoder.to(device)
-        source = OnTheFlySource(components, dirs["train_dir"], cfg.dataset.resolution, device)
+        for module in (components.vae, *components.text_encoders):
+            module.to(device)
+        source = OnTheFlySource(components, dirs["train_dir"], cfg.dataset.resolution, device, policy)
         info = "encoded on the fly every step (training.cache_latents: false)"
     # The validation loss reads the val split's latent cache; uncached runs encode it like the train set.
     val_source: Source | None = None
     val_dir, val_latents = dirs.get("val_dir"), dirs.get("val_latents_dir")
     if val_dir is not None and has_images(val_dir):
         if val_latents is not None and (val_latents / "index.json").is_file():
-            val_source = CachedSource(val_latents, val_dir, fingerprint, cfg.dataset.resolution, device)
+            val_source = CachedSource(
+                val_latents, val_dir, fingerprint, cfg.dataset.resolution, device, resize_policy=policy
+            )
         elif not tcfg.cache_latents:
-            val_source = OnTheFlySource(components, val_dir, cfg.dataset.resolution, device)
+            val_source = OnTheFlySource(components, val_dir, cfg.dataset.resolution, device, policy)
     return source, val_source, info
 
 
@@ -242,9 +258,29 @@ def prepare_run(
         raise TrainingError(
             f"unsupported prediction_type {noise_scheduler.config.prediction_type!r} of the base model"
         )
-    # VAE/text encoder share the weight dtype (the validation pipeline passes tensors between them).
-    for module in (components.vae, components.text_encoder):
-        move_module(module, next(module.parameters()).device, weight_dtype)
+    try:
+        check_resolution(cfg.dataset.resolution, components)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    # VAE/text encoders share the weight dtype (the validation pipeline passes tensors between them), but
+    # the SDXL VAE overflows in fp16: it stays in fp32 (the SDXL pipeline decodes fp16 latents with it).
+    vae_dtype, vae_note = vae_encoding_dtype(components, weight_dtype)
+    for module in (components.vae, *components.text_encoders):
+        dtype = vae_dtype if module is components.vae else weight_dtype
+        move_module(module, next(module.parameters()).device, dtype)
+    family_notes = [f"Base model family = {components.family.name} ({components.family.title})"]
+    if components.family.uses_added_conditions:
+        family_notes.append(
+            "Added conditions = pooled text embedding + time_ids (original size from captions.json, crop "
+            f"top-left of resize_policy {cfg.dataset.cleaning.resize_policy}, target {cfg.dataset.resolution})"
+        )
+    if cfg.dataset.resolution != components.family.default_resolution:
+        family_notes.append(
+            f"Resolution = {cfg.dataset.resolution} (the {components.family.title} default is "
+            f"{components.family.default_resolution})"
+        )
+    if vae_note and not tcfg.cache_latents:
+        family_notes.append(vae_note)
 
     source, val_source, data_info = _data_sources(cfg, components, device, dirs)
     world = accelerator.num_processes
@@ -254,7 +290,8 @@ def prepare_run(
             f"is not divisible by {world} processes"
         )
     validation_prompts = encode_validation_prompts(components, tcfg.validation_prompts, device)
-    empty_text = validation_prompts.negative[0].to(device)
+    empty_text = validation_prompts.empty[0].to(device)
+    empty_pooled = None if validation_prompts.empty_pooled is None else validation_prompts.empty_pooled[0].to(device)
     shapes = {"latent": source.latent_shape, "text": tuple(empty_text.shape), "dtype": weight_dtype}
     layout = _batch_layout(tcfg, unet, device, tcfg.effective_batch_size // world, shapes)
     try:
@@ -262,7 +299,7 @@ def prepare_run(
     except Exception as exc:  # an unusual UNet the meta device cannot run: throughput without FLOPs
         flops, layout.notes = None, [*layout.notes, f"FLOPs not counted: {type(exc).__name__}: {exc}"]
     fast = tcfg.speed
-    notes = [f"Latents = {data_info}", *layout.notes, *speed.apply_fast_path(unet, fast, device)]
+    notes = [*family_notes, f"Latents = {data_info}", *layout.notes, *speed.apply_fast_path(unet, fast, device)]
 
     use_fused = device.type == "cuda" and fast.fused_optimizer
     optimizer = torch.optim.AdamW(
@@ -307,6 +344,7 @@ def prepare_run(
         plan=plan,
         layout=layout,
         empty_text=empty_text,
+        empty_pooled=empty_pooled,
         validation_prompts=validation_prompts,
         weight_dtype=weight_dtype,
         mixed_precision=mixed_precision,
@@ -364,7 +402,7 @@ def decide_start(
     Rank 0 decides (it may clean up, set aside or move folders); the other ranks get its decision."""
     current = {
         "training_hash": cfg.training_hash(components.family.name),
-        "training_config": recorded_training_config(cfg),
+        "training_config": recorded_training_config(cfg, components.family.name),
         "dataset_fingerprint": dataset_fingerprint,
         "base_model": components.identity,
     }
@@ -374,7 +412,7 @@ def decide_start(
             ckpt_root,
             current,
             max_train_steps=cfg.training.max_train_steps,
-            explain=lambda old: hash_relevant_differences(cfg, old),
+            explain=lambda old: hash_relevant_differences(cfg, old, components.family.name),
             superseded_outputs=[ckpt_root.parent / name for name in files.RUN_OUTPUTS],
         ),
     )
