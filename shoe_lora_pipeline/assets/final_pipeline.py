@@ -1,6 +1,8 @@
 """final_pipeline: the base model with the LoRA fused in, saved as a standalone diffusers pipeline."""
 # No `from __future__ import annotations` here: Dagster inspects the real annotation types.
 
+import json
+
 import dagster as dg
 
 from shoe_lora_pipeline.assets._category import category_config
@@ -35,11 +37,14 @@ def final_pipeline(
         provenance=lora_prov.get("provenance"),
     )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    # The class that loads it, as saved in model_index.json (StableDiffusionXLPipeline for an SDXL base).
+    pipeline_class = json.loads((out / "model_index.json").read_text())["_class_name"]
     return dg.MaterializeResult(
         metadata={
             **config_metadata(cfg, base_model=base_model.identity(cfg)),
             "final_pipeline_dir": dg.MetadataValue.path(str(out)),
             "size_mb": round(size / 1e6, 1),
             "lora_scale": cfg.export.fuse_lora_scale,
+            "pipeline_class": pipeline_class,
         },
     )

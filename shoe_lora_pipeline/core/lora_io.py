@@ -859,6 +859,7 @@ def check_lora_fits(
     ``unet`` may be a meta-device model. kohya names are accepted in both conventions (diffusers' and the
     LDM blocks of SDXL files). Text-encoder layers for a second text encoder fail on a one-encoder family.
     """
+    import torch
     from safetensors import safe_open
 
     from shoe_lora_pipeline.core.kohya_keys import KOHYA_UNET_PREFIX, KohyaUnetNames, ldm_attention_blocks
@@ -870,15 +871,14 @@ def check_lora_fits(
             meta = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for a corrupt header
         raise LoraExportError(f"{path}: not a readable safetensors file: {exc}") from None
-    # (inputs, outputs) of every layer a LoRA can adapt: linear layers and convolutions (LoCon files).
-    linear = {
-        n: (
-            getattr(m, "in_features", None) or m.in_channels,
-            getattr(m, "out_features", None) or m.out_channels,
-        )
-        for n, m in unet.named_modules()
-        if hasattr(m, "in_features") or hasattr(m, "in_channels") and hasattr(m, "kernel_size")
-    }
+    # (inputs, outputs) of every layer a LoRA can adapt: linear layers and convolutions (LoCon files); a
+    # layer peft already wraps is found by its base layer's name.
+    linear: dict[str, tuple[int, int]] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear[name.removesuffix(".base_layer")] = (module.in_features, module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            linear[name.removesuffix(".base_layer")] = (module.in_channels, module.out_channels)
     kohya_names = {}
     for names in (KohyaUnetNames(None), KohyaUnetNames(ldm_attention_blocks(unet.config))):
         for module in linear:

@@ -94,7 +94,11 @@ def test_demo_sdxl_config_runs_the_whole_graph_to_published_renders(
         for k in kohya_keys
     )
     index = json.loads((out / "final_pipeline" / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert (
+        index["_class_name"]
+        == mats["final_pipeline"].metadata["pipeline_class"].value
+        == "StableDiffusionXLPipeline"
+    )
     assert (out / "evaluation" / "report.html").is_file()
     assert mats["product_renders"].metadata["pipeline"].value == "final_pipeline"
 
