@@ -163,6 +163,8 @@ def training_metadata(
     """The materialisation's metadata, the same from every launcher (the Pipes child reports this too)."""
     metadata = {
         **config_metadata(cfg, device_info, base_model),
+        # The base model's family as training resolved it (core/families.py; SD1.5 identities name none).
+        "model_family": base_model.get("family") or "sd15",
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "global_step": result.global_step,

@@ -75,6 +75,7 @@ def test_training_side_of_the_graph_on_tiny_sdxl(tmp_path: Path, tiny_sdxl_cache
     assert latents["embedding_shape"].value == "[77, 64]"  # both encoders' hidden states side by side
     training = mats["lora_training"].metadata
     assert training["global_step"].value == 2 and training["val_loss"].value > 0
+    assert training["model_family"].value == "sdxl"
     assert "data:image/png;base64," in training["validation_grid"].value
 
     out = tmp_path / "out" / "casual_shoes"

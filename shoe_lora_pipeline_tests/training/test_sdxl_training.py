@@ -5,6 +5,7 @@ embeddings); a checkpoint of one family never resumes on the other."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from shoe_lora_pipeline.core.training import TrainingError, diffusion_loss
 from shoe_lora_pipeline_tests.support.training import (
     NUM_IMAGES,
     assert_same_lora,
+    cpu,
     keep_last,
     lora_tensors,
     make_cfg,
@@ -229,3 +231,18 @@ def test_resolution_not_divisible_by_the_vae_factor_is_named(tmp_path: Path, sdx
         run_training(cfg, sdxl["load"](), sdxl)
     with pytest.raises(ValueError, match=r"dataset.resolution = 68 is not divisible by 8.*use 64 or 72"):
         cache_latents(sdxl["load"](), sdxl["train"], tmp_path / "latents", 68, 4, "cpu")
+
+
+def test_sdxl_under_bf16_keeps_the_vae_in_fp32(tmp_path: Path, sdxl: dict[str, Any]) -> None:
+    # accelerate's (effective) bf16 on the CPU: frozen UNet and text encoders in bf16, the VAE in fp32 for
+    # the on-the-fly encoding and the validation decode (the SDXL VAE overflows in half precision).
+    bf16 = dataclasses.replace(cpu(), mixed_precision="bf16", dtype_policy="test: bf16 on cpu")
+    components = sdxl["load"]()
+    cfg = sdxl_cfg(tmp_path, max_train_steps=2, cache_latents=False, validation_steps=2)
+    with one_torch_thread():
+        result = run_training(cfg, components, sdxl, device_info=bf16)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.losses)
+    assert next(components.vae.parameters()).dtype == torch.float32
+    assert next(components.text_encoder_2.parameters()).dtype == torch.bfloat16
+    assert result.latest_grid is not None and result.latest_grid.is_file()
+    assert "VAE encodes in fp32" in result.log_path.read_text()
