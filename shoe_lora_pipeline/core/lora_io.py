@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 
     from shoe_lora_pipeline.core.checkpoints import CheckpointInfo
     from shoe_lora_pipeline.core.config import PipelineConfig
+    from shoe_lora_pipeline.core.families import ModelFamily
+    from shoe_lora_pipeline.core.kohya_keys import KohyaUnetNames
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -321,16 +324,21 @@ def _target_of(peft_key: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def peft_to_kohya(peft_state_dict: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def peft_to_kohya(
+    peft_state_dict: Mapping[str, torch.Tensor], alpha: float, names: KohyaUnetNames | None = None
+) -> dict[str, torch.Tensor]:
     """kohya/A1111 UNet keys (``lora_unet_….lora_down.weight`` [r, in], ``lora_up`` [out, r], ``.alpha``).
 
-    diffusers' converter needs the ``unet.`` prefix to emit ``lora_unet_`` and sets ``.alpha`` to the rank;
-    we overwrite it with the trained alpha, a 0-d tensor in the weights' dtype like kohya-ss writes.
+    ``names`` is the family's kohya naming (:func:`kohya_keys.kohya_unet_names`: SDXL files name the LDM
+    blocks); None keeps diffusers' module names, as SD1.5 files do. diffusers' converter needs the
+    ``unet.`` prefix to emit ``lora_unet_`` and sets ``.alpha`` to the rank; we overwrite it with the
+    trained alpha, a 0-d tensor in the weights' dtype like kohya-ss writes.
     """
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_state_dict.items()})
+    renamed = names.rename(peft_state_dict) if names is not None else peft_state_dict
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in renamed.items()})
     out: dict[str, torch.Tensor] = {}
     for key, tensor in kohya.items():
         if key.endswith(".alpha"):
@@ -390,15 +398,22 @@ def build_kohya_metadata(
     base_model: str | None,
     step: int | None,
     training_comment: str | None = None,
+    family: ModelFamily | None = None,
 ) -> dict[str, str]:
-    """kohya-ss style ``ss_*`` training metadata (all values strings, as A1111's metadata viewer expects)."""
-    res = facts.resolution or 512
+    """kohya-ss style ``ss_*`` training metadata (all values strings, as A1111's metadata viewer expects).
+
+    ``family`` (default SD1.5) gives ``ss_base_model_version`` (``sd_v1`` / ``sdxl_base_v1-0``, the value
+    A1111 and civitai read the base model from) and the resolution when ``facts`` has none."""
+    from shoe_lora_pipeline.core.families import SD15
+
+    family = family or SD15
+    res = facts.resolution or family.default_resolution
     meta: dict[str, Any] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": int(lora["rank"]),
         "ss_network_alpha": float(lora["alpha"]),
         "ss_network_dropout": float(lora.get("dropout") or 0.0),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.kohya_base_model_version,
         "ss_v2": "False",
         "ss_sd_model_name": base_model,
         "ss_resolution": f"({res}, {res})",
@@ -556,6 +571,7 @@ def _merge_provenance(provenance: Mapping[str, Any], meta: Mapping[str, Any]) ->
         "base_model": base.get("base_model"),
         "base_model_revision": base.get("revision"),
         "base_model_fingerprint": base.get("fingerprint"),
+        "base_model_family": base.get("family"),  # recorded for families other than SD1.5
         "training_hash": meta.get("training_hash"),
         "dataset_fingerprint": meta.get("dataset_fingerprint"),
     }
@@ -600,6 +616,25 @@ def _base_model_folder(given: Path | None, meta: Mapping[str, Any], checkpoint_d
             "unet/config.json: pass base_model_dir= the diffusers folder of the base model"
         )
     return Path(given)
+
+
+def _checkpoint_family(base_model_dir: Path, meta: Mapping[str, Any], checkpoint_dir: Path) -> ModelFamily:
+    """The family of the base model folder; a checkpoint that recorded another family was trained on
+    another model and cannot be exported against this one."""
+    from shoe_lora_pipeline.core.families import family_of_folder
+
+    family = family_of_folder(Path(base_model_dir))
+    identity = meta.get("base_model")
+    if not identity:
+        return family  # a checkpoint that recorded no base model: the folder decides
+    recorded = identity.get("family") or "sd15"  # SD1.5 identities name none
+    if recorded != family.name:
+        raise LoraExportError(
+            f"{checkpoint_dir / TRAINING_STATE_NAME}: base_model.family = {recorded!r} but the base model "
+            f"folder {base_model_dir} is {family.name} ({family.title}): export against the model it was "
+            "trained on"
+        )
+    return family
 
 
 def _losses_at_checkpoint(
@@ -649,6 +684,7 @@ def _card_info(
     base_revision: str | None,
     step: int,
     prov: dict[str, Any],
+    family: ModelFamily,
 ) -> ModelCardInfo:
     return ModelCardInfo(
         dataset_name=dataset_name,
@@ -664,6 +700,7 @@ def _card_info(
         instance_prompt=facts.caption_template,
         widget_prompts=list(facts.validation_prompts),
         provenance=prov,
+        family=family,
     )
 
 
@@ -685,8 +722,9 @@ def export_lora(
     adapter is checked against. ``training_output_dir`` (default: two levels above the checkpoint) holds
     ``losses.csv`` and ``validation/``.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    from shoe_lora_pipeline.core.kohya_keys import kohya_unet_names
 
     checkpoint_dir = Path(checkpoint_dir)
     peft_sd, meta = load_checkpoint_lora(checkpoint_dir)
@@ -698,6 +736,8 @@ def export_lora(
     base_model = prov.get("base_model") or "unknown"
     base_revision = prov.get("base_model_revision")
     base_model_dir = _base_model_folder(base_model_dir, meta, checkpoint_dir)
+    family = _checkpoint_family(base_model_dir, meta, checkpoint_dir)
+    unet_config = _read_json(Path(base_model_dir) / "unet" / "config.json")
     training_output_dir = Path(training_output_dir or checkpoint_dir.parent.parent)
     _losses_at_checkpoint(facts, meta, checkpoint_dir, training_output_dir)
     lora = {k: meta[k] for k in ("rank", "alpha", "dropout", "target_modules")}
@@ -714,7 +754,7 @@ def export_lora(
         _rewrite_safetensors_metadata(tmp / PEFT_WEIGHTS_NAME, ours)
 
         # 2. diffusers: the adapter metadata carries lora_alpha, so load_lora_weights applies alpha/r.
-        StableDiffusionPipeline.save_lora_weights(
+        family.text2img_pipeline_class().save_lora_weights(
             tmp,
             unet_lora_layers=convert_state_dict_to_diffusers(dict(peft_sd)),
             safe_serialization=True,
@@ -723,10 +763,11 @@ def export_lora(
         _rewrite_safetensors_metadata(tmp / DIFFUSERS_WEIGHTS_NAME, ours)
 
         # 3. kohya / A1111 / ComfyUI.
-        ss = build_kohya_metadata(lora, facts, dataset_name=dataset_name, base_model=base_model, step=step)
-        model_hash, legacy_hash = _write_kohya_file(
-            tmp / kohya_name, peft_to_kohya(peft_sd, meta["alpha"]), ss, kohya_metadata, ours
+        ss = build_kohya_metadata(
+            lora, facts, dataset_name=dataset_name, base_model=base_model, step=step, family=family
         )
+        kohya_tensors = peft_to_kohya(peft_sd, meta["alpha"], kohya_unet_names(family, unet_config))
+        model_hash, legacy_hash = _write_kohya_file(tmp / kohya_name, kohya_tensors, ss, kohya_metadata, ours)
 
         # 4. Validation grid of this step.
         grid_src = latest_grid(training_output_dir, at_or_before=step)
@@ -751,7 +792,7 @@ def export_lora(
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
         # 6. Model card.
-        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, identity)
+        card = _card_info(meta, facts, dataset_name, base_model, base_revision, step, identity, family)
         card.kohya_weights_file, card.file_sha256 = kohya_name, hashes
         card.validation_grid_file = VALIDATION_GRID_NAME if grid else None
         write_model_card(tmp / MODEL_CARD_NAME, card)
@@ -769,6 +810,132 @@ def export_lora(
 
 
 # --------------------------------------------------------------------------------------------------
+# Does a LoRA file fit a model?
+# --------------------------------------------------------------------------------------------------
+
+
+class LoraMismatchError(LoraExportError):
+    """A LoRA file does not fit the model it is loaded onto (another family, another architecture); the
+    message names the file, the keys at fault, the family the file says it is for and the model's."""
+
+
+def _declared_family(meta: Mapping[str, str]) -> tuple[ModelFamily | None, str | None]:
+    """(family, where the file says so) from kohya's ``ss_base_model_version`` or our provenance (an
+    export names ``base_model_family`` unless it is SD1.5, as every export before SDXL was)."""
+    from shoe_lora_pipeline.core.families import FAMILIES, SD15, family_named
+
+    version = meta.get("ss_base_model_version")
+    if version:
+        found = [f for f in FAMILIES.values() if f.kohya_base_model_version == version]
+        return (found[0] if found else None), f"ss_base_model_version = {version!r}"
+    raw = meta.get(META_PROVENANCE_KEY)
+    prov = json.loads(raw) if raw else {}
+    if prov.get("base_model_family"):
+        return family_named(prov["base_model_family"]), (
+            f"{META_PROVENANCE_KEY} base_model_family = {prov['base_model_family']!r}"
+        )
+    if prov.get("base_model"):
+        return SD15, f"{META_PROVENANCE_KEY} base_model = {prov['base_model']!r}, no base_model_family"
+    return None, None
+
+
+def _lora_weights_file(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in (DIFFUSERS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise LoraExportError(f"{path}: no {DIFFUSERS_WEIGHTS_NAME} or {PEFT_WEIGHTS_NAME} in this folder")
+    return path
+
+
+def check_lora_fits(
+    path: Path, unet: torch.nn.Module, family: ModelFamily, *, model: str = "the model"
+) -> None:
+    """Raise :class:`LoraMismatchError` unless every UNet LoRA layer in the file at ``path`` (a diffusers,
+    PEFT or kohya file, or an export folder) names a module of ``unet`` with the layer's shapes.
+
+    Read from the safetensors header only (names, shapes): cheap enough to run before every load, and
+    ``unet`` may be a meta-device model. kohya names are accepted in both conventions (diffusers' and the
+    LDM blocks of SDXL files). Text-encoder layers for a second text encoder fail on a one-encoder family.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from shoe_lora_pipeline.core.kohya_keys import KOHYA_UNET_PREFIX, KohyaUnetNames, ldm_attention_blocks
+
+    path = _lora_weights_file(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for a corrupt header
+        raise LoraExportError(f"{path}: not a readable safetensors file: {exc}") from None
+    # (inputs, outputs) of every layer a LoRA can adapt: linear layers and convolutions (LoCon files); a
+    # layer peft already wraps is found by its base layer's name.
+    linear: dict[str, tuple[int, int]] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear[name.removesuffix(".base_layer")] = (module.in_features, module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            linear[name.removesuffix(".base_layer")] = (module.in_channels, module.out_channels)
+    kohya_names = {}
+    for names in (KohyaUnetNames(None), KohyaUnetNames(ldm_attention_blocks(unet.config))):
+        for module in linear:
+            try:
+                kohya_names[names.kohya_name(module)] = module
+            except ValueError:
+                continue  # outside an attention block: no LDM name
+    declared, where = _declared_family(meta)
+    problems: list[str] = []
+    if declared is not None and declared != family:
+        # Small models of two families can share every layer shape: what the file says decides.
+        weights = sorted(k for k in shapes if _lora_module_of(k, {}, KOHYA_UNET_PREFIX)[1] is not None)
+        problems.append(f"{where} says it is a {declared.name} LoRA (keys {', '.join(weights[:2])}, …)")
+    for key, shape in sorted(shapes.items()):
+        module, part = _lora_module_of(key, kohya_names, KOHYA_UNET_PREFIX)
+        if part is None:
+            continue  # alpha, text encoders of this family, DoRA scales…
+        if module == "text_encoder_2" and family.num_text_encoders < 2:
+            problems.append(f"{key} (a second text encoder; {family.title} has one)")
+            continue
+        layer = linear.get(module) if module is not None else None
+        if layer is None:
+            problems.append(f"{key} (no such layer in the UNet)")
+        elif part == "A" and shape[1:2] != (layer[0],):  # [r, in] (a convolution's [r, in, k, k])
+            problems.append(f"{key} {list(shape)} (the layer takes {layer[0]} inputs)")
+        elif part == "B" and shape[:1] != (layer[1],):  # [out, r, …]
+            problems.append(f"{key} {list(shape)} (the layer gives {layer[1]} outputs)")
+    if problems:
+        found = f"{declared.name} ({declared.title})" if declared else "not recorded in the file"
+        raise LoraMismatchError(
+            f"{path}: this LoRA does not fit {model}, a {family.name} ({family.title}) model: "
+            f"{'; '.join(problems[:3])}{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. "
+            f"Family found in the file: {found}{f' ({where})' if where else ''}. Load it onto a base model of "
+            "its own family."
+        )
+
+
+def _lora_module_of(
+    key: str, kohya_names: Mapping[str, str], kohya_prefix: str
+) -> tuple[str | None, str | None]:
+    """(UNet module path, "A"/"B") of a LoRA weight key in any of the three formats; (None, None) for
+    keys that are not UNet LoRA weights; ("text_encoder_2", "A") for a second text encoder's layers."""
+    # PEFT lora_A/lora_B, diffusers' lora.down/lora.up, kohya's lora_down/lora_up.
+    m = re.fullmatch(r"(.+)\.lora[._](A|B|down|up)\.weight", key)
+    if m is None:
+        return None, None
+    stem, part = m.group(1), {"down": "A", "up": "B"}.get(m.group(2), m.group(2))
+    if stem.startswith(("text_encoder_2.", "lora_te2_")):
+        return "text_encoder_2", part
+    if stem.startswith(("text_encoder.", "lora_te1_", "lora_te_")):
+        return None, None
+    if stem.startswith(kohya_prefix):
+        return kohya_names.get(stem), part
+    return stem.removeprefix("base_model.model.").removeprefix("unet."), part
+
+
+# --------------------------------------------------------------------------------------------------
 # Fuse
 # --------------------------------------------------------------------------------------------------
 
@@ -781,19 +948,22 @@ def fuse_lora_pipeline(
     *,
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save base model + LoRA merged into the weights as a standalone diffusers pipeline folder.
+    """Save base model + LoRA merged into the weights as a standalone diffusers pipeline folder of the base
+    model's family (``StableDiffusionXLPipeline.from_pretrained`` loads an SDXL one).
 
     ``lora_scale`` multiplies the trained alpha/r scale (1.0 = as trained). ``provenance.json`` carries the
     LoRA's own record over and describes the fusing (scale, source sha256, ``provenance`` of this run) under
     ``fuse``.
     """
-    from diffusers import StableDiffusionPipeline
+    from shoe_lora_pipeline.core.pipelines import family_of_pipeline, pipeline_from_folder
 
     lora_dir = Path(lora_dir)
     weights = lora_dir / DIFFUSERS_WEIGHTS_NAME
     if not weights.is_file():
         raise LoraExportError(f"{weights}: LoRA weights file not found")
-    pipe = StableDiffusionPipeline.from_pretrained(str(base_model_dir), safety_checker=None)
+    # The base model's own family: an SDXL base gives a StableDiffusionXLPipeline folder.
+    pipe = pipeline_from_folder(Path(base_model_dir), local_files_only=False, requires_safety_checker=True)
+    check_lora_fits(weights, pipe.unet, family_of_pipeline(pipe), model=f"base model {base_model_dir}")
     pipe.load_lora_weights(str(lora_dir), weight_name=DIFFUSERS_WEIGHTS_NAME)
     pipe.fuse_lora(lora_scale=lora_scale)
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers

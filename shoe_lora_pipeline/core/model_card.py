@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from shoe_lora_pipeline.core.families import SD15, ModelFamily
 from shoe_lora_pipeline.core.markdown import md_cell
 
 TAGS = ["stable-diffusion", "lora", "text-to-image", "diffusers", "product-photography"]
@@ -58,6 +59,7 @@ class ModelCardInfo:
     validation_grid_file: str | None = None
     file_sha256: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    family: ModelFamily = SD15  # of the base model: names the pipeline and the checkpoints it fits
 
     @property
     def scale(self) -> float:
@@ -161,9 +163,9 @@ def render_model_card(info: ModelCardInfo) -> str:
         "",
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {info.family.text2img_pipeline}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{info.base_model}", torch_dtype=torch.float16)',
+        f'pipe = {info.family.text2img_pipeline}.from_pretrained("{info.base_model}", torch_dtype=torch.float16)',
         f'pipe.load_lora_weights("path/to/this/folder", weight_name="{info.diffusers_weights_file}")',
         'pipe.to("cuda")',
         f'image = pipe("{example_prompt}", num_inference_steps=30, guidance_scale=7.5).images[0]',
@@ -179,8 +181,8 @@ def render_model_card(info: ModelCardInfo) -> str:
         "",
         "### AUTOMATIC1111 / ComfyUI",
         "",
-        f"Copy `{kohya}` into `models/Lora/` (A1111) or `models/loras/` (ComfyUI) and use it with an "
-        f"SD 1.5 checkpoint, e.g. `<lora:{Path(kohya).stem}:1>` in an A1111 prompt. The file stores "
+        f"Copy `{kohya}` into `models/Lora/` (A1111) or `models/loras/` (ComfyUI) and use it with a "
+        f"{info.family.title} checkpoint, e.g. `<lora:{Path(kohya).stem}:1>` in an A1111 prompt. The file stores "
         f"alpha = {_fmt(info.alpha)} with rank {info.rank}, so a weight of 1.0 reproduces the training "
         f"scale of {_fmt(info.scale)}.",
         "",

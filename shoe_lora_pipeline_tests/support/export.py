@@ -32,7 +32,15 @@ def adapted_unet(base_dir: Path, rank: int, alpha: float, seed: int = 0) -> Any:
 
 
 def make_training_checkpoint(
-    root: Path, base_dir: Path, *, rank: int = 8, alpha: float = 16, step: int = 20, seed: int = 0
+    root: Path,
+    base_dir: Path,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    step: int = 20,
+    seed: int = 0,
+    base_model: str = "tiny-sd",
+    resolution: int = 512,
 ) -> tuple[Path, Any]:
     """``root`` = training.output_dir: checkpoints/checkpoint-N/, validation/, losses.csv, summary."""
     from diffusers import StableDiffusionPipeline
@@ -55,7 +63,7 @@ def make_training_checkpoint(
     state = {
         "global_step": step,
         "lora": {"rank": rank, "alpha": alpha, "dropout": 0.0, "target_modules": TARGETS},
-        "base_model": base_model_identity("tiny-sd", base_dir),
+        "base_model": base_model_identity(base_model, base_dir),
         "training_hash": "train-hash-123",
         "dataset_fingerprint": "dataset-fp-456",
         # What the trainer records (recorded_training_config): the settings that produced these weights.
@@ -65,7 +73,7 @@ def make_training_checkpoint(
             "train_batch_size": 2,
             "gradient_accumulation_steps": 8,
             "max_train_steps": 3000,
-            "resolution": 512,
+            "resolution": resolution,
             "lora_rank": rank,
             "lora_alpha": alpha,
             "snr_gamma": 5.0,

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 EVAL_ADAPTER = "evaluation_lora"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-PipelineSource = Any  # a diffusers StableDiffusionPipeline, or a folder (str / Path)
+PipelineSource = Any  # a diffusers text-to-image pipeline (SD1.5 or SDXL), or a folder (str / Path)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -104,17 +104,11 @@ def is_lora_dir(path: Path) -> bool:
 
 
 def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
-    """A diffusers folder (e.g. ``final_pipeline/`` or the base model) as a StableDiffusionPipeline."""
-    from diffusers import StableDiffusionPipeline
+    """A diffusers folder (e.g. ``final_pipeline/`` or the base model) as its family's text-to-image
+    pipeline (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``)."""
+    from shoe_lora_pipeline.core.pipelines import pipeline_from_folder
 
-    folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    # fp32 is the default everywhere; a dtype is passed only when asked (its keyword changed in diffusers 0.42).
-    kwargs: dict[str, Any] = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, **kwargs
-    )
+    pipe = pipeline_from_folder(Path(folder), None if dtype == torch.float32 else dtype)
     return pipe.to(device)
 
 
@@ -192,6 +186,12 @@ def _generate_both(
     t = time.perf_counter()
     say(f"evaluation: generating {n} LoRA images")
     if isinstance(lora, str | Path) and is_lora_dir(Path(lora)):
+        from shoe_lora_pipeline.core.lora_io import check_lora_fits
+        from shoe_lora_pipeline.core.pipelines import family_of_pipeline
+
+        check_lora_fits(
+            Path(lora), base_pipe.unet, family_of_pipeline(base_pipe), model=f"base {_describe(base)}"
+        )
         base_pipe.load_lora_weights(str(lora), adapter_name=EVAL_ADAPTER)
         try:
             generated_lora = generate_images(base_pipe, tag="lora", **gen_kwargs)

@@ -168,6 +168,8 @@ def load_render_pipeline(
 ) -> Any:
     """The fused pipeline, or ``base_dir`` with the LoRA fused in memory (``lora_scale`` as export's)."""
     from shoe_lora_pipeline.core.evaluation.runner import load_pipeline
+    from shoe_lora_pipeline.core.lora_io import check_lora_fits
+    from shoe_lora_pipeline.core.pipelines import family_of_pipeline
 
     if source.fused_dir is not None:
         pipe = load_pipeline(source.fused_dir, device, dtype)
@@ -177,6 +179,7 @@ def load_render_pipeline(
                 f"final_pipeline was not fused from {source.lora_file} and no base model was given"
             )
         pipe = load_pipeline(base_dir, device, dtype)
+        check_lora_fits(source.lora_file, pipe.unet, family_of_pipeline(pipe), model=f"base model {base_dir}")
         pipe.load_lora_weights(str(source.lora_dir), weight_name=DIFFUSERS_WEIGHTS_NAME)
         pipe.fuse_lora(lora_scale=lora_scale)
         pipe.unload_lora_weights()  # keeps the fused weights, drops the peft layers

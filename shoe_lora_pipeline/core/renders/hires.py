@@ -2,7 +2,7 @@
 
 Candidates are generated at the render size; an image a reviewer (or the approval rule) chose is upscaled
 ``scale``× in pixel space (Lanczos) and re-rendered with an img2img pass of the *same* pipeline and LoRA
-(``StableDiffusionImg2ImgPipeline(**pipe.components)``: no extra weights), the same prompt and seed, at
+(the family's img2img pipeline of ``pipe.components``: no extra weights), the same prompt and seed, at
 ``denoise`` strength. The result is cached under ``renders/hires/<sku>/`` keyed by the candidate's render
 key and the hires settings, so publishing again costs nothing, and only what is published pays for it.
 """
@@ -62,12 +62,11 @@ class HiresSettings:
 
 
 def img2img_from(pipe: Any) -> Any:
-    """diffusers' img2img pipeline sharing ``pipe``'s components (UNet with the LoRA fused, VAE, …)."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    """diffusers' img2img pipeline of ``pipe``'s family sharing its components (UNet with the LoRA fused,
+    VAE, …): ``StableDiffusionImg2ImgPipeline`` or ``StableDiffusionXLImg2ImgPipeline``."""
+    from shoe_lora_pipeline.core.pipelines import img2img_of
 
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    return img2img
+    return img2img_of(pipe)
 
 
 class HiresPass:
