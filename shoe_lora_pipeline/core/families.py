@@ -39,6 +39,9 @@ class ModelFamily:
     text2img_pipeline: str  # diffusers class names
     img2img_pipeline: str
     kohya_base_model_version: str  # kohya's ss_base_model_version
+    # kohya-ss trains SD1.x on a diffusers-named UNet and SDXL on the original LDM/SGM one, so its files
+    # (and A1111's and ComfyUI's readers) name the UNet's blocks after that: core/kohya_keys.py.
+    kohya_names_ldm_blocks: bool
     # The SDXL VAE overflows in fp16 (NaNs in the latents): encode in fp32 unless a fixed VAE is configured.
     vae_needs_fp32: bool
 
@@ -67,6 +70,7 @@ SD15 = ModelFamily(
     text2img_pipeline="StableDiffusionPipeline",
     img2img_pipeline="StableDiffusionImg2ImgPipeline",
     kohya_base_model_version="sd_v1",
+    kohya_names_ldm_blocks=False,
     vae_needs_fp32=False,
 )
 SDXL = ModelFamily(
@@ -80,6 +84,7 @@ SDXL = ModelFamily(
     text2img_pipeline="StableDiffusionXLPipeline",
     img2img_pipeline="StableDiffusionXLImg2ImgPipeline",
     kohya_base_model_version="sdxl_base_v1-0",
+    kohya_names_ldm_blocks=True,
     vae_needs_fp32=True,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL)}

@@ -126,10 +126,6 @@ class KohyaUnetNames:
 
 
 def kohya_unet_names(family: ModelFamily, unet_config: Mapping[str, Any]) -> KohyaUnetNames:
-    """The naming kohya files of ``family`` use, for the UNet of ``unet_config``: kohya-ss trains SD1.x on
-    a diffusers-named UNet and SDXL on the original SGM one, so its files, and every client's
-    expectations, follow those names."""
-    from shoe_lora_pipeline.core.families import SDXL
-
-    ldm_named = {SDXL}  # the families whose kohya files name the LDM blocks
-    return KohyaUnetNames(ldm_attention_blocks(unet_config) if family in ldm_named else None)
+    """The naming kohya files of ``family`` use, for the UNet of ``unet_config``
+    (:attr:`ModelFamily.kohya_names_ldm_blocks`)."""
+    return KohyaUnetNames(ldm_attention_blocks(unet_config) if family.kohya_names_ldm_blocks else None)

@@ -99,8 +99,11 @@ class DemoRun:
 def workdir() -> Iterator[Path]:
     """A folder whose paths, like a checkout's (``…/outputs/demo/casual_shoes/…``), have no hyphen: a
     browser breaks a long path at a hyphen, so pytest's ``pytest-of-…`` folders would make paths wrap
-    where a user's do not."""
-    path = Path(tempfile.mkdtemp(prefix="shoelora_pages_"))
+    where a user's do not. The name is short (``/tmp/shoelora_abcdefgh``, 22 characters, a checkout's
+    ``/home/<user>/shoe_lora`` length): at 1920 px the published manifest's path then fits with room
+    to spare, whichever random letters ``mkdtemp`` picks (a 6-character longer prefix left it within
+    1 px of the edge, so some letter draws overflowed)."""
+    path = Path(tempfile.mkdtemp(prefix="shoelora_"))
     try:
         yield path
     finally:
