@@ -91,6 +91,24 @@ def test_pretraining_script_continues_a_model_with_zero_terminal_snr_and_v_predi
     assert 0 < float(noise.alphas_cumprod[-1]) < 1e-7  # zero terminal SNR (2**-24, finite for every sampler)
 
 
+def test_committed_tiny_shoes_is_v_prediction_with_zero_terminal_snr() -> None:
+    """The demo model's scheduler: v-prediction on zero-terminal-SNR betas, sampled from the last timestep;
+    every sampler the renders offer starts there with finite numbers."""
+    import diffusers
+
+    from shoe_lora_pipeline.core.renders.generate import SAMPLERS
+
+    config = json.loads((models.TINY_SHOES_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
+    for class_name, _ in SAMPLERS.values():
+        sched = getattr(diffusers, class_name).from_config(config)
+        sched.set_timesteps(20)
+        assert int(sched.timesteps[0]) == 999, class_name
+        assert float(sched.alphas_cumprod[-1]) < 1e-7, class_name
+        if hasattr(sched, "sigmas"):
+            assert torch.isfinite(sched.sigmas).all(), class_name
+
+
 def test_committed_tiny_shoes_loads_by_name() -> None:
     assert (models.TINY_SHOES_DIR / "README.md").is_file()
     card = json.loads((models.TINY_SHOES_DIR / "training.json").read_text())
