@@ -5,6 +5,9 @@ Usage (the committed model; see data/models/tiny-shoes/README.md for the exact r
 
     python scripts/pretrain_demo_model.py --out data/models/tiny-shoes [--force]
     python scripts/pretrain_demo_model.py --smoke --out /tmp/tiny-shoes-smoke   # the machinery, seconds
+    # continue a model's UNet (its VAE and text encoder kept) with zero-terminal-SNR betas and v-prediction
+    python scripts/pretrain_demo_model.py --from data/models/tiny-shoes --out data/models/tiny-shoes --force \
+        --zero-terminal-snr --prediction-type v_prediction --unet-steps 5000
 
 The classes are Stable Diffusion 1.5's at the widths of ``tiny-sd`` (core/models.py): AutoencoderKL with
 four levels (latents 1/8 of the side), CLIPTextModel with the real CLIP BPE vocabulary, UNet2DConditionModel
@@ -19,6 +22,17 @@ views, backdrops; captions in the recipe's template). Stages, all from one ``--s
    captions (so classifier-free guidance works) and an EMA of the weights. The text encoder stays as
    initialised: its token embeddings already differ per colour word, and the UNet learns to read them
    through cross-attention (the model card reports how often the colour is respected).
+
+``--from FOLDER`` continues from a model folder instead of starting from scratch: its tokenizer, text encoder
+and VAE are kept (no VAE stage) and its UNet's weights are trained further. ``--zero-terminal-snr`` and
+``--prediction-type v_prediction`` change the noise schedule the UNet is trained for (Lin et al. 2023, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed"): with SD1.5's scaled_linear betas the last timestep
+keeps some signal (alpha_bar_T = 0.0047), so the initial noise's mean brightness fixes the backdrop's and the
+model cannot move it -- the base model drew grey-ish backdrops whatever the prompt said. The rescaled betas
+(diffusers' ``rescale_zero_terminal_snr``, alpha_bar_T then set to 2**-24 as diffusers' samplers do so that
+every sampler stays finite) are written to the scheduler config as ``trained_betas``, with
+``prediction_type`` and ``timestep_spacing: trailing`` (sampling starts at the last timestep, the pure-noise
+one), so every scheduler built from the folder -- training's DDPM, PNDM, DPM++, Euler, DDIM -- uses them.
 
 The folder is written (atomically replaced) at every checkpoint, so a run stopped early still leaves a
 loadable model; ``--unet-minutes`` caps the UNet stage's wall time. An existing model folder is never
@@ -73,6 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="tiny scale: a few images and steps (tests)")
+    p.add_argument(
+        "--from",
+        dest="from_model",
+        type=Path,
+        default=None,
+        help="continue from this model folder: keep its tokenizer, text encoder and VAE, train its UNet further",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="rescale the betas to zero terminal SNR (trained_betas)",
+    )
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     return p.parse_args(argv)
 
 
@@ -119,6 +146,23 @@ def build_components(seed: int, tmp: Path) -> dict[str, object]:
     }
 
 
+def scheduler_config(zero_terminal_snr: bool, prediction_type: str) -> dict[str, object]:
+    """SD1.5's scheduler config, with the prediction type and, if asked, zero-terminal-SNR betas."""
+    config: dict[str, object] = {**models.SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type}
+    if zero_terminal_snr:
+        from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+        n = int(config["num_train_timesteps"])
+        start, end = float(config["beta_start"]), float(config["beta_end"])
+        betas = rescale_zero_terminal_snr(torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2)
+        # alpha_bar_T = 0 exactly makes Euler's sigma_max and PNDM's step ratio infinite; diffusers' own
+        # rescale_betas_zero_snr samplers use 2**-24 instead (SNR 6e-8: still no signal left).
+        alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        betas[-1] = 1.0 - 2.0**-24 / alphas_cumprod[-2]
+        config.update(trained_betas=[float(b) for b in betas], timestep_spacing="trailing")
+    return config
+
+
 def save_model(parts: dict[str, object], out: Path, card: dict[str, object]) -> None:
     """Write the diffusers folder next to ``out`` and swap it in (never half a model at ``out``)."""
     from diffusers import StableDiffusionPipeline
@@ -131,6 +175,7 @@ def save_model(parts: dict[str, object], out: Path, card: dict[str, object]) -> 
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary shared folder
         pipe.save_pretrained(tmp, safe_serialization=True)
+        drop_loaded_from(tmp)
         (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card_markdown(card))
         old = out.with_name(f".{out.name}-old")
@@ -143,17 +188,30 @@ def save_model(parts: dict[str, object], out: Path, card: dict[str, object]) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def drop_loaded_from(folder: Path) -> None:
+    """Remove ``_name_or_path`` (where a --from component was loaded from) from the component configs."""
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def model_card_markdown(card: dict[str, object]) -> str:
+    how = "trained from scratch on this machine"
+    if "continued from" in card:
+        how = "trained on this machine (from scratch, then its UNet continued: see the table)"
     lines = [
         "# tiny-shoes: the offline demo base model",
         "",
         "Stable Diffusion 1.5's classes (AutoencoderKL, CLIPTextModel with the real CLIP BPE vocabulary,",
-        "UNet2DConditionModel) at the widths of `tiny-sd`, trained from scratch on this machine on shoes drawn",
+        f"UNet2DConditionModel) at the widths of `tiny-sd`, {how} on shoes drawn",
         "by `scripts/shoe_drawing.py` (`pretraining_shot`): 14 colours, 3 types, side views facing left/right,",
         "tilted and pairs, on white, grey, beige, dark and gradient backdrops with and without a contact",
         'shadow. Captions use the recipe\'s template and always say "on white background", whatever the',
         "backdrop, so this base model's white background is unreliable: the demo LoRA (trained on the",
         "white-background demo photos) is what makes it white. It draws only blurry, small-resolution shoes.",
+        "Captions also name the characteristics the specs sheets use (lace-up for the laced shoes, slip-on",
+        "for the loafers), as the render prompts do.",
         "",
         "| | |",
         "|---|---|",
@@ -257,31 +315,62 @@ def main(argv: list[str] | None = None) -> int:
     val_images, val_captions, _ = draw_set(args.seed + 1, args.n_val, args.resolution)
     log(f"drawn in {time.time() - started:.0f}s; backdrops {kinds}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = build_components(args.seed, Path(tmp))
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    sched_config = scheduler_config(args.zero_terminal_snr, args.prediction_type)
+    base_card: dict[str, object] = {}
+    if args.from_model is not None:
+        loaded = models.load_base_model(str(args.from_model))
+        with tempfile.TemporaryDirectory() as tmp:  # the same tokenizer files as a fresh model's
+            tokenizer = models.clip_tokenizer(*models.clip_tokenizer_files(Path(tmp)))
+        parts = {
+            "tokenizer": tokenizer,
+            "text_encoder": loaded.text_encoder,
+            "vae": loaded.vae,
+            "unet": loaded.unet,
+        }
+        parts["unet"].requires_grad_(True)
+        card_file = args.from_model / "training.json"
+        base_card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+        log(f"continuing from {args.from_model} (VAE and text encoder kept, UNet trained further)")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            parts = build_components(args.seed, Path(tmp))
+    parts["scheduler"] = PNDMScheduler.from_config(sched_config)
     vae, unet, text_encoder = parts["vae"], parts["unet"], parts["text_encoder"]
     text_encoder.requires_grad_(False).eval()
 
     t_vae = time.time()
-    vae_l1 = train_vae(vae, images, args)
+    if args.from_model is None:
+        vae_l1 = train_vae(vae, images, args)
     vae_minutes = (time.time() - t_vae) / 60
-    vae.requires_grad_(False)
+    vae.requires_grad_(False).eval()
     mean, std = encode_latents(vae, images)
-    scaling = float(1.0 / mean.std())
-    vae.register_to_config(scaling_factor=round(scaling, 5))
+    if args.from_model is None:
+        scaling = float(1.0 / mean.std())
+        vae.register_to_config(scaling_factor=round(scaling, 5))
+    else:
+        scaling = float(vae.config.scaling_factor)
     val_mean, _ = encode_latents(vae, val_images)
     with torch.no_grad():
         val_rec = vae.decode(val_mean).sample
     vae_val_l1 = float((val_rec - to_unit(val_images)).abs().mean())
-    log(f"vae done: train l1 {vae_l1:.4f}, val l1 {vae_val_l1:.4f}, scaling_factor {scaling:.4f}")
+    if args.from_model is not None:
+        vae_l1 = float("nan")
+    log(f"vae: train l1 {vae_l1:.4f}, val l1 {vae_val_l1:.4f}, scaling_factor {scaling:.4f}")
 
     emb = encode_captions(parts["tokenizer"], text_encoder, captions)
     val_emb = encode_captions(parts["tokenizer"], text_encoder, val_captions)
     empty = encode_captions(parts["tokenizer"], text_encoder, [""])
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    noise_scheduler = DDPMScheduler.from_config(models.SD15_SCHEDULER_CONFIG)
+    noise_scheduler = DDPMScheduler.from_config(sched_config)
+
+    def target(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if args.prediction_type == "v_prediction":
+            return noise_scheduler.get_velocity(latents, noise, t)
+        return noise
+
     gen = torch.Generator().manual_seed(args.seed + 20)
     # Fixed noise and timesteps for the validation loss, so its curve is comparable across steps.
     val_gen = torch.Generator().manual_seed(args.seed + 30)
@@ -290,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     val_t = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (len(val_latents),), generator=val_gen
     )
+    val_target = target(val_latents, val_noise, val_t)
 
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     warmup = max(1, min(200, args.unet_steps // 10))
@@ -303,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             losses = [
                 torch.nn.functional.mse_loss(
                     model(noisy[i : i + 32], val_t[i : i + 32], val_emb[i : i + 32]).sample,
-                    val_noise[i : i + 32],
+                    val_target[i : i + 32],
                 ).item()
                 * len(noisy[i : i + 32])
                 for i in range(0, len(noisy), 32)
@@ -315,22 +405,45 @@ def main(argv: list[str] | None = None) -> int:
         ema_unet = type(unet).from_config(unet.config)
         ema.copy_to(ema_unet.parameters())
         v = val_loss(ema_unet)
-        card = {
-            "command": command,
-            "seed": args.seed,
-            "resolution": args.resolution,
-            "training images": f"{args.n_images} drawn (+{args.n_val} held out); backdrops {kinds}",
-            "vae steps": f"{args.vae_steps} (batch {args.vae_batch}, {args.vae_crop}px crops, lr {args.vae_lr})",
-            "vae final loss": f"train L1 {vae_l1:.4f}, held-out L1 {vae_val_l1:.4f} (images in [-1, 1])",
-            "vae scaling_factor": round(scaling, 5),
-            "unet steps": f"{step} (batch {args.unet_batch}, lr {args.unet_lr}, EMA 0.999)",
-            "unet final loss": f"train MSE {train_loss:.4f} (last 100 steps), held-out MSE {v:.4f} (EMA weights)",
-            "text encoder": "as initialised (seed + 2), not trained",
-            "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} torch thread(s)",
-            "wall time": f"{(time.time() - started) / 60:.1f} min (VAE {vae_minutes:.1f} min)",
-            "status": "final" if final else "checkpoint (training still running or stopped early)",
-            "torch": torch.__version__,
-        }
+        objective = "v-prediction" if args.prediction_type == "v_prediction" else "epsilon"
+        schedule = (
+            "zero-terminal-SNR rescaled betas" if args.zero_terminal_snr else "SD1.5 scaled_linear betas"
+        )
+        card: dict[str, object] = {"command": command}
+        if args.from_model is not None:
+            card["continued from"] = (
+                f"{args.from_model} (its VAE and text encoder kept, its UNet trained further); its run: "
+                f"{base_card.get('command', '?')}, unet steps {base_card.get('unet steps', '?')}, "
+                f"wall time {base_card.get('wall time', '?')}"
+            )
+        card.update(
+            {
+                "seed": args.seed,
+                "resolution": args.resolution,
+                "training images": f"{args.n_images} drawn (+{args.n_val} held out); backdrops {kinds}",
+                "vae steps": (
+                    base_card.get("vae steps", "?")
+                    if args.from_model is not None
+                    else f"{args.vae_steps} (batch {args.vae_batch}, {args.vae_crop}px crops, lr {args.vae_lr})"
+                ),
+                "vae final loss": (
+                    f"{base_card.get('vae final loss', '?')}; held-out L1 on this run's set {vae_val_l1:.4f}"
+                    if args.from_model is not None
+                    else f"train L1 {vae_l1:.4f}, held-out L1 {vae_val_l1:.4f} (images in [-1, 1])"
+                ),
+                "vae scaling_factor": round(scaling, 5),
+                "noise schedule": f"{schedule}, {objective} objective, timestep_spacing "
+                f"{sched_config.get('timestep_spacing', 'leading')}",
+                "unet steps": f"{step} (batch {args.unet_batch}, lr {args.unet_lr}, EMA 0.999)",
+                "unet final loss": f"train MSE {train_loss:.4f} (last 100 steps), held-out MSE {v:.4f} "
+                f"(EMA weights; {objective} target)",
+                "text encoder": "as initialised (seed + 2), not trained",
+                "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} torch thread(s)",
+                "wall time": f"{(time.time() - started) / 60:.1f} min (VAE {vae_minutes:.1f} min)",
+                "status": "final" if final else "checkpoint (training still running or stopped early)",
+                "torch": torch.__version__,
+            }
+        )
         save_model({**parts, "unet": ema_unet}, out, card)
         log(f"checkpoint at unet step {step}: held-out MSE {v:.4f} -> {out}")
         return card
@@ -348,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, cond).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss = torch.nn.functional.mse_loss(pred, target(latents, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

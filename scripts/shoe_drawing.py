@@ -753,6 +753,12 @@ TYPE_PHRASES: dict[str, tuple[str, ...]] = {
     "Sneakers": ("casual sneakers", "sneakers"),
     "Loafers": ("loafers", "leather loafers"),
 }
+# The characteristics word each drawn article shows (laces drawn on casual shoes and sneakers, none on
+# loafers), in the words of the specs sheets' "characteristics" column (data/casual_shoes/specs.csv:
+# lace-up, slip-on). The render prompts put it after the view ("..., side view, lace-up, ..."); a word the
+# pretraining captions never used would be an unknown token to the UNet's cross-attention, and the
+# renders of such SKUs came out in the wrong colour. A slip-on "casual shoe" is drawn as a loafer.
+CHARACTERISTICS: dict[str, str] = {"Casual Shoes": "lace-up", "Sneakers": "lace-up", "Loafers": "slip-on"}
 # Backgrounds of the pretraining set: most are NOT white, so the base model's "on white background"
 # is unreliable (what the demo LoRA, trained on white-background photos, has to fix).
 BACKGROUND_KINDS = ("white", "light grey", "grey", "beige", "gradient", "dark")
@@ -825,10 +831,23 @@ def pretraining_shot(rng: random.Random, side: int) -> PretrainShot:
     phrase = rng.choice(TYPE_PHRASES[article])
     view = "side view"
     if rng.random() < 0.3:
-        view = rng.choice(["side view, facing left" if spec.facing_left else "side view, facing right",
-                           "single shoe, side view", "studio lighting, side view"])
+        view = rng.choice(
+            [
+                "side view, facing left" if spec.facing_left else "side view, facing right",
+                "single shoe, side view",
+                "studio lighting, side view",
+            ]
+        )
+    # The characteristics slot as the render prompts fill it (core/renders/specs.py): "view,
+    # characteristics", the characteristics alone when a spec row has no view, or the view alone.
+    trait = CHARACTERISTICS[article]
+    if article == "Loafers" and rng.random() < 0.5:
+        phrase = rng.choice(TYPE_PHRASES["Casual Shoes"])  # "brown leather casual shoes, slip-on"
+        slot = rng.choice([f"side view, {trait}", trait])
+    else:
+        slot = rng.choices([view, f"side view, {trait}", trait], [0.5, 0.3, 0.2])[0]
     caption = (
         f"A professional product photo of {colour.lower()} {phrase} on white background, "
-        f"{view}, product photography"
+        f"{slot}, product photography"
     )
     return PretrainShot(img, caption, colour.lower(), article, kind, shadow)

@@ -27,6 +27,8 @@ def test_shipped_configs_validate() -> None:
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml", check_paths=False)
     assert demo.training.base_model == "tiny-shoes"
     assert demo.dataset.resolution == 128  # the resolution tiny-shoes was pretrained at
+    # Only the demo (128 px by necessity) lets a render be resampled more than 6x to a marketplace's size.
+    assert demo.publish.max_upscale == 16
     sd15 = load_config(REPO_ROOT / "configs" / "casual_shoes_sd15.yaml", check_paths=False)
     t = sd15.training
     # The reference recipe, exactly.
@@ -39,6 +41,7 @@ def test_shipped_configs_validate() -> None:
     assert t.mixed_precision == "no"
     assert (t.validation_steps, t.checkpointing_steps, t.checkpoints_total_limit) == (500, 500, 5)
     assert sd15.dataset.resolution == 512
+    assert sd15.publish.max_upscale == 6.0
     assert len(t.validation_prompts) == 4
     assert all(p.startswith("A professional product photo of ") for p in t.validation_prompts)
 

@@ -63,6 +63,52 @@ def test_pretraining_script_is_deterministic_and_refuses_to_overwrite(
     assert _run_script("--smoke", "--out", str(again), "--force").returncode == 0
 
 
+def test_pretraining_script_continues_a_model_with_zero_terminal_snr_and_v_prediction(
+    smoke_model: Path, tmp_path: Path
+) -> None:
+    """--from keeps the VAE and text encoder, trains the UNet further; the betas and objective land in the
+    scheduler config, so every scheduler built from the folder (training's DDPM too) uses them."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
+
+    out = tmp_path / "continued"
+    args = ("--smoke", "--from", str(smoke_model), "--out", str(out), "--zero-terminal-snr")
+    r = _run_script(*args, "--prediction-type", "v_prediction")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rel in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(smoke_model / rel), load_file(out / rel)
+        assert all(torch.equal(a[k], b[k]) for k in a), rel  # kept
+    a, b = (load_file(f / "unet" / "diffusion_pytorch_model.safetensors") for f in (smoke_model, out))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)  # trained further
+    card = json.loads((out / "training.json").read_text())
+    assert str(smoke_model) in card["continued from"] and "v-prediction" in card["noise schedule"]
+    with one_torch_thread():
+        c = models.load_base_model(str(out))
+    assert c.scheduler.config.prediction_type == "v_prediction"
+    assert c.scheduler.config.timestep_spacing == "trailing"
+    noise = c.noise_scheduler
+    assert isinstance(noise, DDPMScheduler) and noise.config.prediction_type == "v_prediction"
+    assert 0 < float(noise.alphas_cumprod[-1]) < 1e-7  # zero terminal SNR (2**-24, finite for every sampler)
+
+
+def test_committed_tiny_shoes_is_v_prediction_with_zero_terminal_snr() -> None:
+    """The demo model's scheduler: v-prediction on zero-terminal-SNR betas, sampled from the last timestep;
+    every sampler the renders offer starts there with finite numbers."""
+    import diffusers
+
+    from shoe_lora_pipeline.core.renders.generate import SAMPLERS
+
+    config = json.loads((models.TINY_SHOES_DIR / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction" and config["timestep_spacing"] == "trailing"
+    for class_name, _ in SAMPLERS.values():
+        sched = getattr(diffusers, class_name).from_config(config)
+        sched.set_timesteps(20)
+        assert int(sched.timesteps[0]) == 999, class_name
+        assert float(sched.alphas_cumprod[-1]) < 1e-7, class_name
+        if hasattr(sched, "sigmas"):
+            assert torch.isfinite(sched.sigmas).all(), class_name
+
+
 def test_committed_tiny_shoes_loads_by_name() -> None:
     assert (models.TINY_SHOES_DIR / "README.md").is_file()
     card = json.loads((models.TINY_SHOES_DIR / "training.json").read_text())

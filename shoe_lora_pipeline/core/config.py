@@ -325,7 +325,15 @@ class EvaluationThresholds(_Strict):
     """The recipe's validation checklist; a check whose metric is unavailable never passes."""
 
     final_loss_max: float = Field(
-        0.02, description="lora_training's smoothed_loss (EMA of the per-step losses) below this."
+        0.02,
+        description="lora_training's smoothed_loss (EMA of the per-step losses) below this "
+        "(epsilon-prediction base models).",
+    )
+    final_val_loss_ratio_max: float = Field(
+        1.0,
+        gt=0.0,
+        description="v-prediction base models (whose loss has another scale): the run's last validation loss "
+        "over its first (the base model's) below this, i.e. the validation loss fell.",
     )
     white_background_min: float = Field(0.95, ge=0.0, le=1.0, description="Share of white-background images.")
     centred_min: float = Field(0.90, ge=0.0, le=1.0, description="Share of centred products.")

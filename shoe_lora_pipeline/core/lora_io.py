@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -399,11 +400,16 @@ def build_kohya_metadata(
     step: int | None,
     training_comment: str | None = None,
     family: ModelFamily | None = None,
+    objective: BaseObjective | None = None,
 ) -> dict[str, str]:
     """kohya-ss style ``ss_*`` training metadata (all values strings, as A1111's metadata viewer expects).
 
     ``family`` (default SD1.5) gives ``ss_base_model_version`` (``sd_v1`` / ``sdxl_base_v1-0``, the value
-    A1111 and civitai read the base model from) and the resolution when ``facts`` has none."""
+    A1111 and civitai read the base model from) and the resolution when ``facts`` has none. ``objective``
+    (the base model's scheduler, :func:`base_objective`): a v-prediction base adds kohya's
+    ``ss_v_parameterization`` "True" (what kohya, A1111 and ComfyUI read to sample a v-prediction model's
+    LoRA as v-prediction) and a zero-terminal-SNR one ``ss_zero_terminal_snr`` "True"; an epsilon base
+    writes neither (kohya's default)."""
     from shoe_lora_pipeline.core.families import SD15
 
     family = family or SD15
@@ -439,8 +445,32 @@ def build_kohya_metadata(
         or f"shoe_lora_pipeline export of step {step}; provenance in the shoe_lora_* keys",
         "ss_output_name": f"{dataset_name}_lora",
     }
+    if objective is not None and objective.prediction_type == "v_prediction":
+        meta["ss_v_parameterization"] = True
+    if objective is not None and objective.zero_terminal_snr:
+        meta["ss_zero_terminal_snr"] = True
     # kohya writes str(value) for every field, "None" included.
     return {k: v if isinstance(v, str) else str(v) for k, v in meta.items()}
+
+
+@dataclass(frozen=True)
+class BaseObjective:
+    """What the base model's UNet predicts and whether its noise schedule ends at zero SNR."""
+
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+
+
+def base_objective(scheduler_config: Mapping[str, Any] | None) -> BaseObjective:
+    """The objective a diffusers scheduler config describes (``prediction_type``; zero terminal SNR when
+    ``rescale_betas_zero_snr`` is set or its ``trained_betas`` leave alpha_bar_T below 1e-4)."""
+    config = scheduler_config or {}
+    zero_snr = bool(config.get("rescale_betas_zero_snr"))
+    betas = config.get("trained_betas")
+    if isinstance(betas, list) and betas:
+        alpha_bar = math.prod(1.0 - float(b) for b in betas)
+        zero_snr = zero_snr or alpha_bar < 1e-4
+    return BaseObjective(str(config.get("prediction_type") or "epsilon"), zero_snr)
 
 
 def _rewrite_safetensors_metadata(path: Path, extra: Mapping[str, str] | None = None) -> None:
@@ -763,8 +793,15 @@ def export_lora(
         _rewrite_safetensors_metadata(tmp / DIFFUSERS_WEIGHTS_NAME, ours)
 
         # 3. kohya / A1111 / ComfyUI.
+        scheduler_json = Path(base_model_dir) / "scheduler" / "scheduler_config.json"
         ss = build_kohya_metadata(
-            lora, facts, dataset_name=dataset_name, base_model=base_model, step=step, family=family
+            lora,
+            facts,
+            dataset_name=dataset_name,
+            base_model=base_model,
+            step=step,
+            family=family,
+            objective=base_objective(_read_json(scheduler_json) if scheduler_json.is_file() else None),
         )
         kohya_tensors = peft_to_kohya(peft_sd, meta["alpha"], kohya_unet_names(family, unet_config))
         model_hash, legacy_hash = _write_kohya_file(tmp / kohya_name, kohya_tensors, ss, kohya_metadata, ours)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+from shoe_lora_pipeline.core.config import EvaluationThresholds
 from shoe_lora_pipeline.core.evaluation import qa
+from shoe_lora_pipeline.core.evaluation.checks import checklist
 from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage
 from shoe_lora_pipeline.core.imagehash import phash
 from shoe_lora_pipeline_tests.support.evaluation import BLACK, RED, WHITE, draw_shoe, shoe, varied_shoes
@@ -160,6 +162,11 @@ def test_run_qa_summary_shares_and_flags(tmp_path: Path) -> None:
     assert summary.mode_collapse_prompts == [0]
     assert summary.min_diversity == 0.0
     assert {Path(m["image"]).name for m in summary.memorised} == {"prompt0_img0.png", "prompt0_img1.png"}
+    # The check names the near-copies and, for context, how many the base model made on the same seeds.
+    checks = {c.name: c for c in checklist({}, summary, None, EvaluationThresholds(), qa_base=summary)}
+    mem = checks["no_memorisation"]
+    assert mem.passed is False and mem.value == 2 and mem.severity == "WARN"
+    assert "prompt0_img0.png≈copy.png" in mem.reason and mem.reason.endswith("on the same seeds: 2")
     pp = summary.per_prompt[1]
     assert pp["prompt_colours"] == ["blue"] and pp["colour_respected_share"] == 0.5
     d = summary.to_dict()

@@ -14,6 +14,7 @@ from PIL import Image
 
 from shoe_lora_pipeline.core.config import EvaluationConfig, EvaluationThresholds
 from shoe_lora_pipeline.core.evaluation import qa
+from shoe_lora_pipeline.core.evaluation.checks import CheckOutcome, check_descriptions
 from shoe_lora_pipeline.core.evaluation.generate import GeneratedImage, image_seed
 from shoe_lora_pipeline.core.evaluation.metrics import MetricResult
 from shoe_lora_pipeline.core.evaluation.report import checklist, load_schema, write_report
@@ -188,6 +189,33 @@ def test_checklist_outcomes_and_severities(tmp_path: Path) -> None:
     none = {c.name: c for c in checklist({}, None, None, T)}
     assert not any(c.passed for c in none.values())
     assert all(c.status == "unavailable" and c.severity == "WARN" for c in none.values())
+
+
+def test_final_loss_of_a_v_prediction_base_is_judged_against_the_runs_own_start() -> None:
+    """final_loss_max (0.02) is an epsilon-prediction number; a v-prediction run's loss has another scale,
+    so the check compares its validation loss with the run's first one instead."""
+    summary = {"final_loss": 0.25, "smoothed_loss": 0.251}  # v-prediction scale: far above 0.02
+    fell = [
+        {"step": 0, "val_loss": 0.1496},
+        {"step": 75, "val_loss": 0.146},
+        {"step": 150, "val_loss": 0.1441},
+    ]
+    rose = [{"step": 0, "val_loss": 0.1441}, {"step": 150, "val_loss": 0.1496}]
+
+    def final(**kw: object) -> CheckOutcome:
+        return {c.name: c for c in checklist({}, None, summary, T, **kw)}["final_loss"]
+
+    eps = final(validation_losses=fell)  # an epsilon base: the absolute threshold, as before
+    assert eps.passed is False and eps.value == 0.251 and eps.threshold == T.final_loss_max
+    good = final(prediction_type="v_prediction", validation_losses=fell)
+    assert good.passed is True and good.status == "pass" and good.severity == "WARN"
+    assert good.value == pytest.approx(0.1441 / 0.1496) and good.threshold == T.final_val_loss_ratio_max
+    assert "v_prediction objective" in good.reason and "0.1496 at step 0" in good.reason
+    bad = final(prediction_type="v_prediction", validation_losses=rose)
+    assert bad.passed is False and bad.status == "fail" and bad.value == pytest.approx(0.1496 / 0.1441)
+    none = final(prediction_type="v_prediction", validation_losses=fell[:1])
+    assert none.passed is False and none.status == "unavailable" and "epsilon-prediction" in none.reason
+    assert "v-prediction base model" in check_descriptions(T)["final_loss"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +448,7 @@ def test_check_table_drives_checklist_descriptions_and_asset_checks() -> None:
     assert [c.name for c in checklist({}, None, None, T)] == names
     assert check_descriptions(T) == CHECKLIST and list(CHECKLIST) == names
     # Every configurable threshold is held by exactly one check of the table.
-    fields = [spec.threshold_field for spec in CHECKS if spec.threshold_field]
+    fields = [f for spec in CHECKS for f in (spec.threshold_field, spec.alt_threshold_field) if f]
     assert sorted(fields) == sorted(EvaluationThresholds.model_fields)
 
     custom, default = check_descriptions(CUSTOM), check_descriptions(T)

@@ -197,6 +197,34 @@ def test_kohya_metadata(export: lora_io.ExportResult) -> None:
     assert re.fullmatch(r"[0-9a-f]{8}", header["sshs_legacy_hash"])
 
 
+def test_kohya_metadata_says_v_parameterization_for_a_v_prediction_base() -> None:
+    """kohya / A1111 / ComfyUI read ss_v_parameterization to sample a v-prediction LoRA as v-prediction;
+    the objective comes from the base model's scheduler config (tiny-shoes: v-prediction, zero-terminal-SNR
+    trained_betas)."""
+    from shoe_lora_pipeline.core.models import TINY_SHOES_DIR
+
+    lora = {"rank": 8, "alpha": 16.0, "dropout": 0.0}
+    facts = lora_io.TrainingFacts(resolution=128)
+
+    def meta(objective: lora_io.BaseObjective | None) -> dict[str, str]:
+        return lora_io.build_kohya_metadata(
+            lora, facts, dataset_name=DATASET, base_model="b", step=1, objective=objective
+        )
+
+    eps = meta(lora_io.base_objective({"prediction_type": "epsilon", "trained_betas": None}))
+    assert "ss_v_parameterization" not in eps and "ss_zero_terminal_snr" not in eps  # kohya's default
+    assert "ss_v_parameterization" not in meta(None)
+    committed = json.loads((TINY_SHOES_DIR / "scheduler" / "scheduler_config.json").read_text())
+    objective = lora_io.base_objective(committed)
+    assert objective == lora_io.BaseObjective("v_prediction", zero_terminal_snr=True)
+    v = meta(objective)
+    assert v["ss_v_parameterization"] == "True" and v["ss_zero_terminal_snr"] == "True"
+    assert v["ss_v2"] == "False" and v["ss_base_model_version"] == "sd_v1"  # still an SD1.5-class model
+    plain_v = lora_io.base_objective({"prediction_type": "v_prediction", "beta_schedule": "scaled_linear"})
+    assert plain_v == lora_io.BaseObjective("v_prediction", zero_terminal_snr=False)
+    assert lora_io.base_objective({"rescale_betas_zero_snr": True}).zero_terminal_snr
+
+
 def test_provenance_is_the_same_in_every_file(export: lora_io.ExportResult) -> None:
     paths = [
         export.out_dir,

@@ -8,7 +8,9 @@ Severities (a failed ERROR check fails the evaluation; WARN is shown but does no
   deterministic weight-free code, so a failure is a real defect of what the LoRA produces for a catalogue.
 * WARN — FID, CLIP score, Inception Score: on a few dozen images they are biased and noisy and their
   thresholds come from large-sample literature; final loss: the diffusion MSE depends mostly on the sampled
-  noise levels, not on image quality; memorisation (an addition to the recipe's checklist): needs a look,
+  noise levels, not on image quality (and its scale on the objective: ``final_loss_max`` is an epsilon-
+  prediction number; for a v-prediction base the check asks instead that the held-out validation loss fell
+  over the run, ``final_val_loss_ratio_max``); memorisation (an addition to the recipe's checklist): needs a look,
   not an automatic rejection.
 * A check whose metric is unavailable never passes: ``passed`` False, severity WARN, status
   "unavailable", and the reason says why (e.g. which weights file was looked for).
@@ -55,6 +57,10 @@ class Inputs:
     metrics: Mapping[str, MetricResult]
     qa: QASummary | None
     training_summary: Mapping[str, Any] | None
+    # The base model's objective (its scheduler's prediction_type) and the run's validation_loss.csv rows.
+    prediction_type: str = "epsilon"
+    validation_losses: Sequence[Mapping[str, Any]] = ()
+    qa_base: QASummary | None = None  # the base model's generations (same prompts and seeds), for context
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class Measured:
     why: str = ""
     detail: str = ""
     reason: str | None = None
+    # an EvaluationThresholds field to compare with instead of the spec's, for a check whose measure
+    # depends on the run (final_loss of a v-prediction base)
+    threshold_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,9 @@ class CheckSpec:
     measure: Callable[[Inputs], Measured]
     kind: Literal["num", "share"] = "num"  # how the threshold reads: 0.95 → "95%" for shares
     threshold: float = 0.0
+    # The field a run-dependent measure compares with instead (Measured.threshold_field): final_loss of a
+    # v-prediction base model.
+    alt_threshold_field: str | None = None
 
     def threshold_of(self, thresholds: EvaluationThresholds) -> float:
         return float(getattr(thresholds, self.threshold_field)) if self.threshold_field else self.threshold
@@ -114,8 +126,35 @@ def training_loss(training_summary: Mapping[str, Any] | None) -> tuple[float | N
 
 
 def _final_loss(x: Inputs) -> Measured:
+    if x.prediction_type != "epsilon":
+        return _val_loss_ratio(x)
     loss, which = training_loss(x.training_summary)
     return Measured(loss, which, f"({which})" if loss is not None else "")
+
+
+def _val_loss_ratio(x: Inputs) -> Measured:
+    """For a non-epsilon objective: last / first held-out validation loss of the run.
+
+    The v-prediction MSE has another scale than the epsilon one (its target keeps unit variance at every
+    noise level, so even a good model's loss stays near 0.1-0.3 at SD's latent scale), so no absolute number
+    like ``final_loss_max`` (0.02, an epsilon-prediction figure) means "trained". What does is the run against
+    its own start, on fixed noise and timesteps: the validation loss (validation_loss.csv, measured every
+    training.validation_steps: its first row against its last)."""
+    rows = [r for r in x.validation_losses if isinstance(r.get("val_loss"), int | float)]
+    if len(rows) < 2:
+        return Measured(
+            None,
+            f"{x.prediction_type} objective: final_loss_max is an epsilon-prediction number, and the run "
+            "recorded fewer than two validation losses to compare (training.validation_steps, a val split)",
+        )
+    first, last = rows[0], rows[-1]
+    ratio = float(last["val_loss"]) / float(first["val_loss"]) if first["val_loss"] else float("nan")
+    return Measured(
+        ratio,
+        detail=f"{x.prediction_type} objective: validation loss {first['val_loss']:.4f} at step {first['step']} "
+        f"→ {last['val_loss']:.4f} at step {last['step']} (last / first)",
+        threshold_field="final_val_loss_ratio_max",
+    )
 
 
 def _qa_share(attr: str, detail: str) -> Callable[[Inputs], Measured]:
@@ -167,13 +206,19 @@ def _memorisation(x: Inputs) -> Measured:
     if x.qa is None:
         return Measured(None, _NO_QA)
     n_mem, distance = len(x.qa.memorised), x.qa.memorisation_max_distance
+    # The base model never saw the training photos: its count is what pHash finds without any copying
+    # (the layout every centred product shot on a plain backdrop shares), to read the LoRA's against.
+    base = "" if x.qa_base is None else f"; the base model on the same seeds: {len(x.qa_base.memorised)}"
     if n_mem == 0:
-        return Measured(0.0, reason=f"no generation within pHash distance {distance} of a training image")
+        return Measured(
+            0.0, reason=f"no generation within pHash distance {distance} of a training image{base}"
+        )
     examples = ", ".join(f"{Path(m['image']).name}≈{m['nearest_train']}" for m in x.qa.memorised[:5])
     return Measured(
         float(n_mem),
         reason=f"{n_mem} generation(s) within pHash distance {distance} of a training image (near-copies): "
-        + examples,
+        + examples
+        + base,
     )
 
 
@@ -183,11 +228,13 @@ CHECKS: tuple[CheckSpec, ...] = (
         "final_loss",
         # Names the number it compares: lora_training shows final_loss (the last step's) and smoothed_loss.
         "lora_training's smoothed_loss (EMA of the per-step losses; its final_loss, the last step's, when "
-        "no EMA was recorded)",
+        "no EMA was recorded); for a v-prediction base model, whose loss has another scale, the run's last "
+        "validation loss over its first instead (evaluation.thresholds.final_val_loss_ratio_max)",
         "final_loss_max",
         "<",
         "WARN",
         _final_loss,
+        alt_threshold_field="final_val_loss_ratio_max",
     ),
     CheckSpec(
         "white_background",
@@ -275,6 +322,9 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 
 def evaluate_check(spec: CheckSpec, measured: Measured, thresholds: EvaluationThresholds) -> CheckOutcome:
     threshold = spec.threshold_of(thresholds)
+    if measured.threshold_field is not None:
+        assert measured.threshold_field == spec.alt_threshold_field, (spec.name, measured.threshold_field)
+        threshold = float(getattr(thresholds, measured.threshold_field))
     value = measured.value
     if value is None or not math.isfinite(value):
         reason = f"unavailable: {measured.why}"
@@ -295,9 +345,15 @@ def checklist(
     qa: QASummary | None,
     training_summary: Mapping[str, Any] | None,
     thresholds: EvaluationThresholds,
+    *,
+    prediction_type: str = "epsilon",
+    validation_losses: Sequence[Mapping[str, Any]] = (),
+    qa_base: QASummary | None = None,
 ) -> list[CheckOutcome]:
-    """Every check of :data:`CHECKS` on the LoRA's metrics, QA and training summary, in table order."""
-    inputs = Inputs(metrics, qa, training_summary)
+    """Every check of :data:`CHECKS` on the LoRA's metrics, QA and training summary, in table order.
+    ``prediction_type``: the base model's objective; ``validation_losses``: the run's validation_loss.csv;
+    ``qa_base``: the base model's QA on the same prompts and seeds (context for the memorisation check)."""
+    inputs = Inputs(metrics, qa, training_summary, prediction_type, validation_losses, qa_base)
     return [evaluate_check(spec, spec.measure(inputs), thresholds) for spec in CHECKS]
 
 

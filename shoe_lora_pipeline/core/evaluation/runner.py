@@ -33,7 +33,11 @@ from shoe_lora_pipeline.core.evaluation.report import (
     overall,
     write_report,
 )
-from shoe_lora_pipeline.core.run_artifacts import validation_grids
+from shoe_lora_pipeline.core.run_artifacts import (
+    VALIDATION_LOSS_NAME,
+    read_validation_losses,
+    validation_grids,
+)
 
 logger = logging.getLogger(__name__)
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -173,15 +177,16 @@ def _generate_both(
     gen_kwargs: Mapping[str, Any],
     timings: dict[str, float],
     say: Callable[[str], None],
-) -> tuple[list[GeneratedImage], list[GeneratedImage]]:
-    """(base images, LoRA images): base first, then the LoRA — as an adapter on the base when given as a
-    weights folder, else as its own pipeline once the base one is released."""
+) -> tuple[list[GeneratedImage], list[GeneratedImage], str]:
+    """(base images, LoRA images, the base's prediction_type): base first, then the LoRA — as an adapter on
+    the base when given as a weights folder, else as its own pipeline once the base one is released."""
     n = len(gen_kwargs["prompts"]) * gen_kwargs["images_per_prompt"]
     t = time.perf_counter()
     base_pipe = load_pipeline(Path(base), dev, dtype) if isinstance(base, str | Path) else base
     side, steps = gen_kwargs["height"], gen_kwargs["num_inference_steps"]
     say(f"evaluation: generating {n} base images at {side}px, {steps} steps")
     generated_base = generate_images(base_pipe, tag="base", **gen_kwargs)
+    prediction_type = str(getattr(base_pipe.scheduler.config, "prediction_type", None) or "epsilon")
     timings["generate_base_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     say(f"evaluation: generating {n} LoRA images")
@@ -206,7 +211,7 @@ def _generate_both(
         del lora_pipe
     _release(dev)
     timings["generate_lora_s"] = round(time.perf_counter() - t, 2)
-    return generated_base, generated_lora
+    return generated_base, generated_lora, prediction_type
 
 
 def _metrics_both(
@@ -299,7 +304,9 @@ def evaluate(
     side = int(config.resolution or resolution or 512)
     dev = _resolve_device(base, device)
     gen_kwargs = _generation_kwargs(config, side, out_dir / "images")
-    generated_base, generated_lora = _generate_both(lora, base, dev, dtype, gen_kwargs, timings, say)
+    generated_base, generated_lora, prediction_type = _generate_both(
+        lora, base, dev, dtype, gen_kwargs, timings, say
+    )
 
     # ---- QA (weight-free)
     t = time.perf_counter()
@@ -319,8 +326,16 @@ def evaluate(
 
     # ---- checklist + report
     summary = _read_json(training_output_dir / "training_summary.json")
-    checks = checklist(metrics_lora, qa_lora, summary, config.thresholds)
     losses = training_output_dir / "losses.csv"
+    checks = checklist(
+        metrics_lora,
+        qa_lora,
+        summary,
+        config.thresholds,
+        prediction_type=prediction_type,
+        validation_losses=read_validation_losses(training_output_dir / VALIDATION_LOSS_NAME),
+        qa_base=qa_base,
+    )
     settings = {
         "prompts": list(config.prompts),
         "images_per_prompt": config.images_per_prompt,
