@@ -333,7 +333,7 @@ class EvaluationThresholds(_Strict):
         1.0,
         gt=0.0,
         description="v-prediction base models (whose loss has another scale): the run's last validation loss "
-        "over its first (the base model's) below this, i.e. the validation loss fell.",
+        "over its first (validation_loss.csv, every training.validation_steps) below this, i.e. it fell.",
     )
     white_background_min: float = Field(0.95, ge=0.0, le=1.0, description="Share of white-background images.")
     centred_min: float = Field(0.90, ge=0.0, le=1.0, description="Share of centred products.")

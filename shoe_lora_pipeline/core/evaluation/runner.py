@@ -186,7 +186,9 @@ def _generate_both(
     side, steps = gen_kwargs["height"], gen_kwargs["num_inference_steps"]
     say(f"evaluation: generating {n} base images at {side}px, {steps} steps")
     generated_base = generate_images(base_pipe, tag="base", **gen_kwargs)
-    prediction_type = str(getattr(base_pipe.scheduler.config, "prediction_type", None) or "epsilon")
+    from shoe_lora_pipeline.core.lora_io import base_objective  # the one reader of a scheduler's objective
+
+    prediction_type = base_objective(base_pipe.scheduler.config).prediction_type
     timings["generate_base_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     say(f"evaluation: generating {n} LoRA images")
